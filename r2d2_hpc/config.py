@@ -1,0 +1,191 @@
+"""Configuration schemas, registered in Hydra's ConfigStore.
+
+Each component owns one dataclass; every field has a one-line comment. Checks live in ``__post_init__`` so a
+bad value fails where it enters, with a message that names the setting and the valid choices. The training code
+receives these objects (or plain copies of them) and never imports Hydra itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from r2d2_hpc.errors import ConfigError
+
+SOURCES = ("msd", "folders", "mni_tissue", "synthetic")
+NORMALISATIONS = ("auto", "zscore_nonzero", "zscore", "ct_window", "ct_percentile", "none")
+LAYOUTS = ("2d", "3d")
+COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
+IMAGE_DTYPES = ("float32", "float16")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not a valid choice. Valid choices are: {', '.join(choices)}")
+
+
+def _check_triplet(name: str, value: Any, positive: bool = True) -> None:
+    if value is None:
+        return
+    if len(value) != 3 or (positive and any(float(v) <= 0 for v in value)):
+        raise ConfigError(f"{name}={list(value)!r} must be three positive numbers, one per axis (x, y, z)")
+
+
+@dataclass
+class DataConfig:
+    """Where a dataset comes from and how it is preprocessed into shards (config group ``data/``)."""
+
+    name: str = "mni_tissue"  # source kind: msd | folders | mni_tissue | synthetic
+    root: str | None = None  # source folder (MSD task folder, image/label folder); None for mni_tissue
+    dataset_name: str | None = None  # name written to the manifest; defaults to the folder or source name
+    # --- plain folders (name=folders) ---
+    image_glob: str = "images/*.nii.gz"  # glob, relative to root, of image files
+    label_glob: str = "labels/*.nii.gz"  # glob, relative to root, of label files
+    case_id_regex: str = r"^(?P<case>.+?)(_\d{4})?\.nii(\.gz)?$"  # case id from a file name (group 'case')
+    channel_regex: str | None = r"_(?P<channel>\d{4})\.nii(\.gz)?$"  # channel index of a per-channel file
+    class_names: list[str] | None = None  # label value i -> name; MSD reads dataset.json 'labels'
+    channel_names: list[str] | None = None  # channel names; MSD reads dataset.json 'modality'
+    modality: str = "auto"  # MRI | CT | auto (from dataset.json, else MRI): picks the normalisation
+    # --- preprocessing ---
+    affine_tolerance: float = 1e-3  # largest allowed difference between image and label affines (mm)
+    target_spacing: list[float] | None = None  # resample to this spacing in mm (x, y, z); None keeps it
+    normalisation: str = "auto"  # auto | zscore_nonzero | zscore | ct_window | ct_percentile | none
+    ct_window: list[float] | None = None  # [low, high] HU clip for ct_window, e.g. [-160, 240]
+    ct_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # clip for ct_percentile
+    crop_nonzero: bool = False  # crop every case to the bounding box of its non-zero image voxels
+    label_map: dict[int, int] | None = None  # remap source label values, e.g. {4: 3} for MSD BrainTumour
+    # --- sample layout ---
+    layout: str = "2d"  # 2d: slices along slice_axis | 3d: patches of patch_size
+    slice_axis: int = 2  # axis (0=x, 1=y, 2=z in RAS) along which 2D slices are cut
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])  # 3D patch size (voxels)
+    foreground_fraction: float = 0.33  # share of 3D patches centred on a foreground voxel
+    # --- split ---
+    val_fraction: float = 0.2  # share of cases held out for validation (by case, never by slice)
+    split_seed: int = 0  # seed of the train/validation split
+    val_cases: list[str] | None = None  # explicit validation case ids; overrides val_fraction
+    # --- mni_tissue: one real volume cut into slabs of slices that never touch ---
+    slab_thickness: int = 24  # slices per slab (case) along slab_axis
+    slab_gap: int = 8  # slices dropped between neighbouring slabs so train and val do not leak
+    slab_axis: int = 2  # axis along which the MNI volume is cut into slabs
+    val_every: int = 3  # every n-th slab (counting from the second) is a validation case
+    # --- synthetic phantoms (name=synthetic): written to root when it has no dataset.json yet ---
+    num_cases: int = 6  # phantom cases
+    num_channels: int = 2  # channels per phantom (1-4)
+    num_classes: int = 3  # classes including background (2-6)
+    phantom_shape: list[int] = field(default_factory=lambda: [48, 40, 32])  # voxels per phantom
+    seed: int = 0  # phantom seed
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, SOURCES)
+        _check_choice("data.normalisation", self.normalisation, NORMALISATIONS)
+        _check_choice("data.layout", self.layout, LAYOUTS)
+        _check_choice("data.modality", str(self.modality).upper() if self.modality != "auto" else "auto",
+                      ("auto", "MRI", "CT"))
+        for axis_name in ("slice_axis", "slab_axis"):
+            if getattr(self, axis_name) not in (0, 1, 2):
+                raise ConfigError(f"data.{axis_name}={getattr(self, axis_name)} must be 0, 1 or 2")
+        _check_triplet("data.target_spacing", self.target_spacing)
+        _check_triplet("data.patch_size", self.patch_size)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ConfigError(f"data.foreground_fraction={self.foreground_fraction} must be in [0, 1]")
+        if self.normalisation == "ct_window" and (self.ct_window is None or len(self.ct_window) != 2):
+            raise ConfigError("data.normalisation=ct_window needs data.ct_window=[low,high] (HU)")
+        if self.name in ("msd", "folders") and not self.root:
+            raise ConfigError(f"data={self.name} needs data.root=<folder of the dataset>")
+        if not 1 <= self.num_channels <= 4 or not 2 <= self.num_classes <= 6:
+            raise ConfigError("data.num_channels must be 1-4 and data.num_classes 2-6 (synthetic phantoms)")
+        if self.slab_thickness < 1 or self.slab_gap < 0 or self.val_every < 2:
+            raise ConfigError("data.slab_thickness >= 1, data.slab_gap >= 0 and data.val_every >= 2 are needed")
+
+    def preprocessing_settings(self) -> dict[str, Any]:
+        """The settings that change the prepared arrays; their hash decides whether a case is redone."""
+        keys = (
+            "name", "affine_tolerance", "target_spacing", "normalisation", "ct_window", "ct_percentiles",
+            "crop_nonzero", "label_map", "modality", "slab_thickness", "slab_gap", "slab_axis",
+        )
+        return {k: _plain(getattr(self, k)) for k in keys}
+
+
+@dataclass
+class ShardConfig:
+    """How prepared cases are stored in HDF5 shards."""
+
+    target_shard_mib: float = 512.0  # a shard is closed once it holds at least this much data
+    compression: str = "lz4"  # none | gzip | lz4 | zstd (lz4 and zstd through hdf5plugin)
+    compression_level: int | None = None  # gzip 1-9, zstd 1-22; None takes the codec's default
+    image_dtype: str = "float32"  # float32 | float16 storage of images (labels are always uint8)
+    chunk_slices: int = 1  # 2D layout: slices per chunk along the slice axis
+    chunk_edge: int = 32  # 3D layout: chunk edge in voxels (a 64^3 patch touches at most 27 chunks)
+
+    def __post_init__(self) -> None:
+        _check_choice("shards.compression", self.compression, COMPRESSIONS)
+        _check_choice("shards.image_dtype", self.image_dtype, IMAGE_DTYPES)
+        if self.target_shard_mib <= 0 or self.chunk_slices < 1 or self.chunk_edge < 4:
+            raise ConfigError("shards.target_shard_mib > 0, shards.chunk_slices >= 1, shards.chunk_edge >= 4")
+
+
+@dataclass
+class PrepareConfig:
+    """``python -m r2d2_hpc.prepare``: one source dataset -> a shard directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    out: str = "data/prepared/${data.name}"  # shard directory (manifest.json + shard-*.h5)
+    num_workers: int = 2  # parallel preprocessing processes (0 = in this process)
+    force: bool = False  # redo every case even when its source hash and settings are unchanged
+    keep_cache: bool = False  # keep the per-case staging files after a successful run
+    progress: bool = True  # progress bar (only when attached to a terminal)
+
+
+def _plain(value: Any) -> Any:
+    """Turns OmegaConf containers and tuples into plain JSON-able Python values."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def to_dataclass(cls: type, cfg: Any) -> Any:
+    """Builds dataclass ``cls`` from a DictConfig or dict, running its ``__post_init__`` checks.
+
+    Unknown keys give a ConfigError that lists the valid ones.
+    """
+    raw = _plain(cfg)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"Unavailable setting(s) for {cls.__name__}: {', '.join(unknown)}. "
+            f"Valid settings are: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in raw.items():
+        target = _DATACLASS_FIELDS.get((cls.__name__, key))
+        kwargs[key] = to_dataclass(target, value) if target is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+_DATACLASS_FIELDS: dict[tuple[str, str], type] = {
+    ("PrepareConfig", "data"): DataConfig,
+    ("PrepareConfig", "shards"): ShardConfig,
+}
+
+
+def register_configs() -> None:
+    """Registers the schemas in Hydra's ConfigStore (called by the Hydra apps before composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)

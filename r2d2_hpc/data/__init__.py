@@ -1,0 +1,1 @@
+"""Data stage: NIfTI sources -> preprocessing -> HDF5 shards -> PyTorch datasets."""
