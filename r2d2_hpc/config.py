@@ -8,10 +8,15 @@ receives these objects (or plain copies of them) and never imports Hydra itself.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from r2d2_hpc.errors import ConfigError
+
+# The repository's conf/ folder (the package is installed editable; R2D2_CONF_DIR points elsewhere if needed).
+CONF_DIR = Path(os.environ.get("R2D2_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 
 SOURCES = ("msd", "folders", "mni_tissue", "synthetic")
 NORMALISATIONS = ("auto", "zscore_nonzero", "zscore", "ct_window", "ct_percentile", "none")
