@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -224,7 +225,7 @@ def _read_case(reader: ShardReader, case_id: str, entry: dict[str, Any]) -> Prep
 def _pack(cfg: PrepareConfig, out: Path, staging: Path, records: list[dict[str, Any]], old: dict | None,
           num_classes: int) -> tuple[list[dict], dict[str, dict]]:
     """Writes the new generation of shards from staged cases and the old shard set."""
-    generation = f"{int(time.time()):x}{os.getpid() & 0xFFFF:04x}"
+    generation = uuid.uuid4().hex[:12]  # unique per run, so a new set never overwrites the old one
     old_reader = ShardReader(out, manifest=old) if old is not None else None
     cases: dict[str, dict[str, Any]] = {}
     with ShardWriter(out, f"shard-{generation}", cfg.shards, layout_of(cfg.data), num_classes) as writer:
