@@ -44,6 +44,7 @@ class DataConfig:
     name: str = "mni_tissue"  # source kind: msd | folders | mni_tissue | synthetic
     root: str | None = None  # source folder (MSD task folder, image/label folder); None for mni_tissue
     dataset_name: str | None = None  # name written to the manifest; defaults to the folder or source name
+    shards: str | None = None  # prepared shard directory (prepare writes, training reads); None: data/prepared/<name>
     # --- plain folders (name=folders) ---
     image_glob: str = "images/*.nii.gz"  # glob, relative to root, of image files
     label_glob: str = "labels/*.nii.gz"  # glob, relative to root, of label files
@@ -105,6 +106,10 @@ class DataConfig:
         if self.slab_thickness < 1 or self.slab_gap < 0 or self.val_every < 2:
             raise ConfigError("data.slab_thickness >= 1, data.slab_gap >= 0 and data.val_every >= 2 are needed")
 
+    def shard_dir(self) -> str:
+        """The prepared shard directory: ``shards`` when set, else ``data/prepared/<name>``."""
+        return self.shards or f"data/prepared/{self.name}"
+
     def preprocessing_settings(self) -> dict[str, Any]:
         """The settings that change the prepared arrays; their hash decides whether a case is redone."""
         keys = (
@@ -126,10 +131,10 @@ class ShardConfig:
     chunk_edge: int = 32  # 3D layout: chunk edge in voxels (a 64^3 patch touches at most 27 chunks)
 
     def __post_init__(self) -> None:
-        _check_choice("shards.compression", self.compression, COMPRESSIONS)
-        _check_choice("shards.image_dtype", self.image_dtype, IMAGE_DTYPES)
+        _check_choice("storage.compression", self.compression, COMPRESSIONS)
+        _check_choice("storage.image_dtype", self.image_dtype, IMAGE_DTYPES)
         if self.target_shard_mib <= 0 or self.chunk_slices < 1 or self.chunk_edge < 4:
-            raise ConfigError("shards.target_shard_mib > 0, shards.chunk_slices >= 1, shards.chunk_edge >= 4")
+            raise ConfigError("storage.target_shard_mib > 0, storage.chunk_slices >= 1, storage.chunk_edge >= 4")
 
 
 @dataclass
@@ -137,12 +142,16 @@ class PrepareConfig:
     """``python -m r2d2_hpc.prepare``: one source dataset -> a shard directory."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    out: str = "data/prepared/${data.name}"  # shard directory (manifest.json + shard-*.h5)
+    storage: ShardConfig = field(default_factory=ShardConfig)
+    out: str | None = None  # shard directory (manifest.json + shard-*.h5); None: data.shards
     num_workers: int = 2  # parallel preprocessing processes (0 = in this process)
     force: bool = False  # redo every case even when its source hash and settings are unchanged
     keep_cache: bool = False  # keep the per-case staging files after a successful run
     progress: bool = True  # progress bar (only when attached to a terminal)
+
+    def __post_init__(self) -> None:
+        if self.out is None:
+            self.out = self.data.shard_dir()
 
 
 def _plain(value: Any) -> Any:
@@ -183,7 +192,7 @@ def to_dataclass(cls: type, cfg: Any) -> Any:
 
 _DATACLASS_FIELDS: dict[tuple[str, str], type] = {
     ("PrepareConfig", "data"): DataConfig,
-    ("PrepareConfig", "shards"): ShardConfig,
+    ("PrepareConfig", "storage"): ShardConfig,
 }
 
 

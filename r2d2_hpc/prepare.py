@@ -1,7 +1,7 @@
 """``python -m r2d2_hpc.prepare data=<source> out=<shard dir> ...``: a NIfTI dataset -> HDF5 shards + manifest.
 
 Any setting of ``conf/prepare.yaml`` and the ``data/`` group is a Hydra override, e.g.
-``python -m r2d2_hpc.prepare data=msd data.root=/data/Task01_BrainTumour out=/scratch/shards/brats shards.compression=gzip``.
+``python -m r2d2_hpc.prepare data=msd data.root=/data/Task01_BrainTumour out=/scratch/shards/brats storage.compression=gzip``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, prepare the real demo dataset (MNI152 tissue), verify its shards.
-# Extra arguments are Hydra overrides for prepare, e.g. `bash scripts/main.sh shards.compression=gzip`.
+# Extra arguments are Hydra overrides for prepare, e.g. `bash scripts/main.sh storage.compression=gzip`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYBIN=$(bash scripts/install.sh)

@@ -228,7 +228,7 @@ def _pack(cfg: PrepareConfig, out: Path, staging: Path, records: list[dict[str, 
     generation = uuid.uuid4().hex[:12]  # unique per run, so a new set never overwrites the old one
     old_reader = ShardReader(out, manifest=old) if old is not None else None
     cases: dict[str, dict[str, Any]] = {}
-    with ShardWriter(out, f"shard-{generation}", cfg.shards, layout_of(cfg.data), num_classes) as writer:
+    with ShardWriter(out, f"shard-{generation}", cfg.storage, layout_of(cfg.data), num_classes) as writer:
         for rec in records:
             cid = rec["case_id"]
             if rec["origin"] == "shards":
@@ -258,7 +258,7 @@ def _up_to_date(old: dict | None, records: list[dict], split: dict, cfg: Prepare
     if old is None or cfg.force or any(r["origin"] != "shards" for r in records):
         return False
     return (old["split"] == split and set(old["cases"]) == {r["case_id"] for r in records}
-            and old["storage"] == _storage(cfg.shards) and old["preprocessing"]["settings_hash"] == s_hash)
+            and old["storage"] == _storage(cfg.storage) and old["preprocessing"]["settings_hash"] == s_hash)
 
 
 def _storage(shards: ShardConfig) -> dict[str, Any]:
@@ -283,7 +283,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
                         "Fix: check data.root and the file patterns.")
     s_hash = settings_hash(cfg.data.preprocessing_settings())
     old = _old_manifest(out)
-    reusable = {} if cfg.force else _reusable_cases(out, old, s_hash, _storage(cfg.shards), layout_of(cfg.data))
+    reusable = {} if cfg.force else _reusable_cases(out, old, s_hash, _storage(cfg.storage), layout_of(cfg.data))
     t0 = time.monotonic()
     records = _run_workers(cfg, source, refs, staging, s_hash, reusable)
     split = _split(refs, cfg.data)
@@ -306,7 +306,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         "classes": list(info.class_names), "channels": list(info.channel_names), "modality": info.modality,
         "layout": layout_of(cfg.data),
         "preprocessing": cfg.data.preprocessing_settings() | {"settings_hash": s_hash},
-        "storage": _storage(cfg.shards), "split": split, "shards": shards, "cases": cases,
+        "storage": _storage(cfg.storage), "split": split, "shards": shards, "cases": cases,
     }
     write_manifest(out, manifest)
     _remove_stale(out, {s["file"] for s in shards})

@@ -257,7 +257,7 @@ class ShardWriter:
             stored = image.astype(self.cfg.image_dtype, copy=False)
         if not np.isfinite(stored).all():
             hint = (
-                " (values beyond float16's range: use shards.image_dtype=float32)"
+                " (values beyond float16's range: use storage.image_dtype=float32)"
                 if np.isfinite(image).all()
                 else ""
             )

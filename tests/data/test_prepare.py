@@ -34,10 +34,10 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _cfg(root: Path, out: Path, **shards: object) -> PrepareConfig:
+def _cfg(root: Path, out: Path, **storage: object) -> PrepareConfig:
     return PrepareConfig(
         data=DataConfig(name="msd", root=str(root), val_fraction=0.4),
-        shards=ShardConfig(**shards),  # type: ignore[arg-type]
+        storage=ShardConfig(**storage),  # type: ignore[arg-type]
         out=str(out),
         num_workers=0,
         progress=False,
@@ -142,7 +142,7 @@ def test_lps_volume_keeps_world_coordinates(tmp_path: Path) -> None:
 
 def _prepare_cmd(root: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "r2d2_hpc.prepare", "data=msd", f"data.root={root}", f"out={out}",
-            "num_workers=1", "shards.compression=gzip", "shards.target_shard_mib=0.05"]
+            "num_workers=1", "storage.compression=gzip", "storage.target_shard_mib=0.05"]
 
 
 @pytest.mark.slow
