@@ -1,0 +1,472 @@
+"""I/O benchmark: how fast can training samples be read, from each storage format, and is it fast enough?
+
+Run by hand (the whole run takes a few minutes, ``--quick`` under one)::
+
+    .venv/bin/python benchmarks/io.py [--quick] --out benchmarks/results/io.json
+
+It builds a small dataset (1-channel volumes, 160x192x128 by default), stores it as .nii.gz, .nii, .npy and as
+our HDF5 shards with every compression (2d and 3d layouts), then measures samples/s of 2D slices and 3D patches
+read from each, in this process and through a DataLoader with 2 workers; then the full training data path
+(SliceDataset with augmentation, 2 workers, batch 8) and the rate at which a small 2D U-Net trains on this CPU.
+Every figure, the shapes, the machine and the ratios the targets use go to the JSON file. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from r2d2_hpc.config import ShardConfig
+from r2d2_hpc.data.augment import AugmentConfig
+from r2d2_hpc.data.dataset import SliceDataset
+from r2d2_hpc.data.manifest import write_manifest
+from r2d2_hpc.data.shards import ShardReader, ShardWriter
+from r2d2_hpc.data.synthetic import make_phantom
+from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_VERSION, PreparedCase
+
+COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
+CLASSES = ["background", "tissue", "lesion"]
+PATCH = (64, 64, 64)
+SLICE_AXIS = 2
+NUM_SPECS = 4096  # distinct random samples; a measurement cycles through them
+BATCH = 8
+
+
+# --------------------------------------------------------------------------- data
+def make_volumes(
+    num_cases: int, shape: tuple[int, int, int], seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """1-channel MRI-like phantoms (r2d2_hpc.data.synthetic), scaled to unit mean inside the body.
+
+    Made at half resolution and upsampled (a full-size phantom takes ~10 s), then given fresh full-resolution
+    noise, so that zero background, bias field and noise still compress like skull-stripped, normalised MRI.
+    """
+    rng = np.random.default_rng(seed)
+    half = tuple(max(8, n // 2) for n in shape)
+    volumes = []
+    for index in range(num_cases):
+        image, label, _ = make_phantom(index, 1, len(CLASSES), half, seed)
+        factors = [n / h for n, h in zip(shape, half, strict=True)]
+        image = ndimage.zoom(image[0], factors, order=1, grid_mode=True, mode="nearest")
+        label = ndimage.zoom(label, factors, order=0, grid_mode=True, mode="nearest")
+        body = image != 0
+        image = image / max(float(image[body].mean()), 1e-6)
+        image[body] += rng.normal(0.0, 0.05, int(body.sum())).astype(np.float32)
+        volumes.append((image[None].astype(np.float32), label.astype(np.uint8)))
+    return volumes
+
+
+def write_formats(root: Path, volumes: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Writes every format under ``root``; returns their paths and sizes on disk (bytes)."""
+    affine = np.eye(4)
+    paths: dict[str, Any] = {"nii.gz": [], "nii": [], "npy": [], "npy_slices": []}
+    for i, (image, label) in enumerate(volumes):
+        for ext in ("nii.gz", "nii"):
+            pair = (root / f"case{i}_img.{ext}", root / f"case{i}_lab.{ext}")
+            nib.save(nib.Nifti1Image(image[0], affine), pair[0])
+            nib.save(nib.Nifti1Image(label, affine), pair[1])
+            paths[ext].append(pair)
+        pair = (root / f"case{i}_img.npy", root / f"case{i}_lab.npy")
+        np.save(pair[0], image)
+        np.save(pair[1], label)
+        paths["npy"].append(pair)
+        # Slice-major copy: the best layout a memory map can have for 2D slices (each slice contiguous).
+        pair = (root / f"case{i}_img_slices.npy", root / f"case{i}_lab_slices.npy")
+        np.save(pair[0], np.ascontiguousarray(np.moveaxis(image, 1 + SLICE_AXIS, 0)))
+        np.save(pair[1], np.ascontiguousarray(np.moveaxis(label, SLICE_AXIS, 0)))
+        paths["npy_slices"].append(pair)
+    sizes = {k: sum(p.stat().st_size for pair in v for p in pair) for k, v in paths.items()}
+    for layout_kind in ("2d", "3d"):
+        for comp in COMPRESSIONS:
+            out = root / f"shards_{layout_kind}_{comp}"
+            write_shard_set(out, volumes, comp, layout_kind)
+            paths[f"shard_{layout_kind}_{comp}"] = out
+            sizes[f"shard_{layout_kind}_{comp}"] = sum(p.stat().st_size for p in out.glob("*.h5"))
+    return {"paths": paths, "bytes": sizes}
+
+
+def write_shard_set(
+    out: Path, volumes: list[tuple[np.ndarray, np.ndarray]], compression: str, kind: str
+) -> None:
+    layout = (
+        {"kind": "2d", "slice_axis": SLICE_AXIS}
+        if kind == "2d"
+        else {"kind": "3d", "patch_size": list(PATCH)}
+    )
+    cases = {}
+    with ShardWriter(out, "shard-0", ShardConfig(compression=compression), layout, len(CLASSES)) as writer:
+        for i, (image, label) in enumerate(volumes):
+            geometry = {
+                "source_shape": list(label.shape),
+                "source_affine": np.eye(4).tolist(),
+                "ornt": [[0, 1], [1, 1], [2, 1]],
+                "resampled_shape": list(label.shape),
+                "crop_bbox": [[0, n] for n in label.shape],
+            }
+            case = PreparedCase(
+                f"case{i}", image, label, np.eye(4), (1.0, 1.0, 1.0), geometry, [{"kind": "none"}]
+            )
+            split = "val" if i == len(volumes) - 1 and len(volumes) > 1 else "train"
+            cases[case.case_id] = {
+                **writer.add(case),
+                "split": split,
+                "source_files": {},
+                "source_sha256": "x",
+            }
+        shards = writer.close()
+    write_manifest(
+        out,
+        {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "dataset": "io-benchmark",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "r2d2_version": "bench",
+            "classes": CLASSES,
+            "channels": ["mri"],
+            "modality": "MRI",
+            "layout": layout,
+            "preprocessing": {"settings_hash": "x"},
+            "storage": {"compression": compression, "image_dtype": "float32"},
+            "split": {s: [c for c, e in cases.items() if e["split"] == s] for s in ("train", "val")},
+            "shards": shards,
+            "cases": cases,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- readers (lazy, picklable)
+class NiftiReader:
+    """.nii.gz: the whole volume is loaded per sample (what a plain nibabel loop does).
+
+    .nii: a memory map of the raw data (``dataobj.get_unscaled()``; the files carry no scaling), then sliced.
+    """
+
+    def __init__(self, pairs: list[tuple[Path, Path]], per_sample: bool) -> None:
+        self.pairs, self.per_sample, self._open = pairs, per_sample, {}
+
+    def read(self, case: int, window: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if self.per_sample:
+            image = nib.load(self.pairs[case][0]).get_fdata(dtype=np.float32)[window]
+            label = np.asarray(nib.load(self.pairs[case][1]).dataobj)[window]
+            return image[None].copy(), label.copy()
+        if case not in self._open:
+            self._open[case] = [nib.load(p, mmap=True).dataobj.get_unscaled() for p in self.pairs[case]]
+        img, lab = self._open[case]
+        return np.array(img[window], dtype=np.float32)[None], np.array(lab[window])
+
+
+class NpyReader:
+    """numpy memory maps: (C, X, Y, Z) for patches, or slice-major copies for slices."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], slice_major: bool = False) -> None:
+        self.pairs, self.slice_major, self._open = pairs, slice_major, {}
+
+    def read(self, case: int, window: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if case not in self._open:
+            self._open[case] = [np.load(p, mmap_mode="r") for p in self.pairs[case]]
+        img, lab = self._open[case]
+        if self.slice_major:
+            return np.array(img[window[SLICE_AXIS]]), np.array(lab[window[SLICE_AXIS]])
+        return np.array(img[(slice(None), *window)]), np.array(lab[window])
+
+
+class ShardCaseReader:
+    def __init__(self, shard_dir: Path) -> None:
+        self.reader = ShardReader(shard_dir)  # opens its files lazily, in the process that reads
+        self.ids = sorted(self.reader.case_ids(), key=lambda c: int(c[4:]))
+
+    def read(self, case: int, window: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+        case_id = self.ids[case]
+        return self.reader.read_image(case_id, (slice(None), *window)), self.reader.read_label(
+            case_id, window
+        )
+
+
+class ReadDataset(Dataset):
+    """A thin Dataset over one reader and a fixed list of sample windows, cycled."""
+
+    def __init__(self, reader: Any, specs: list[tuple[int, tuple[slice, ...]]]) -> None:
+        self.reader, self.specs = reader, specs
+
+    def __len__(self) -> int:
+        return 10**7
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        case, window = self.specs[index % len(self.specs)]
+        image, label = self.reader.read(case, window)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
+
+
+def sample_specs(kind: str, num_cases: int, shape: tuple[int, ...], seed: int) -> list[tuple[int, tuple]]:
+    rng = np.random.default_rng(seed)
+    specs = []
+    for _ in range(NUM_SPECS):
+        case = int(rng.integers(num_cases))
+        if kind == "2d":
+            window = [slice(None)] * 3
+            window[SLICE_AXIS] = int(rng.integers(shape[SLICE_AXIS]))  # type: ignore[call-overload]
+        else:
+            starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, PATCH, strict=True)]
+            window = [slice(s, s + p) for s, p in zip(starts, PATCH, strict=True)]
+        specs.append((case, tuple(window)))
+    return specs
+
+
+# --------------------------------------------------------------------------- timing
+def rate(
+    dataset: Dataset, num_workers: int, seconds: float, batch_size: int = BATCH, shuffle: bool = False
+) -> dict[str, float]:
+    """Samples/s over about ``seconds``, after a warm-up that opens files and starts workers.
+
+    Single process: one warm-up sample. DataLoader: one warm-up batch per worker (every worker has started and
+    opened its files), then at least one more batch per worker is timed. ``shuffle`` draws indices at random,
+    with replacement, so a small dataset never runs out.
+    """
+    if num_workers == 0:
+        dataset[0]
+        count, start = 0, time.perf_counter()
+        while count < 2 or time.perf_counter() - start < seconds:
+            dataset[count + 1]
+            count += 1
+        elapsed = time.perf_counter() - start
+        return {"samples_per_s": count / elapsed, "samples": count, "seconds": round(elapsed, 3)}
+    sampler = RandomSampler(dataset, replacement=True, num_samples=10**7) if shuffle else None
+    batches = iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, sampler=sampler))
+    for _ in range(num_workers):
+        next(batches)
+    count, start = 0, time.perf_counter()
+    while count < num_workers * batch_size or time.perf_counter() - start < seconds:
+        batch = next(batches)
+        count += len(batch["image"] if isinstance(batch, dict) else batch[0])
+    elapsed = time.perf_counter() - start
+    del batches  # shuts the workers down
+    return {"samples_per_s": count / elapsed, "samples": count, "seconds": round(elapsed, 3)}
+
+
+def measure_reads(formats: dict[str, Any], cfg: argparse.Namespace, shape: tuple[int, ...]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    num_cases = len(formats["paths"]["npy"])
+    for kind in ("2d", "3d"):
+        specs = sample_specs(kind, num_cases, shape, seed=1)
+        readers: dict[str, Callable[[], Any]] = {
+            "nii.gz": lambda: NiftiReader(formats["paths"]["nii.gz"], per_sample=True),
+            "nii_mmap": lambda: NiftiReader(formats["paths"]["nii"], per_sample=False),
+            "npy_mmap": lambda k=kind: (
+                NpyReader(formats["paths"]["npy_slices"], True)
+                if k == "2d"
+                else NpyReader(formats["paths"]["npy"])
+            ),
+            **{
+                f"shard_{c}": (lambda c=c, k=kind: ShardCaseReader(formats["paths"][f"shard_{k}_{c}"]))
+                for c in COMPRESSIONS
+            },
+        }
+        results[kind] = {}
+        for name, build in readers.items():
+            dataset = ReadDataset(build(), specs)
+            entry = {f"workers{w}": rate(dataset, w, cfg.seconds) for w in (0, 2)}
+            results[kind][name] = entry
+            print(
+                f"  {kind} {name:10s} "
+                + "  ".join(f"{k}={v['samples_per_s']:9.1f}/s" for k, v in entry.items()),
+                flush=True,
+            )
+    return results
+
+
+# --------------------------------------------------------------------------- training consumption
+class StandInUNet2d(nn.Module):
+    """STAND-IN until r2d2_hpc.models exists: a compact 2D U-Net (4 levels, 16 base channels)."""
+
+    def __init__(self, in_channels: int, num_classes: int, base: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        widths = [base * 2**i for i in range(depth)]
+        self.down = nn.ModuleList()
+        prev = in_channels
+        for w in widths:
+            self.down.append(self._block(prev, w))
+            prev = w
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.up.append(nn.ConvTranspose2d(prev, w, 2, stride=2))
+            self.merge.append(self._block(2 * w, w))
+            prev = w
+        self.head = nn.Conv2d(prev, num_classes, 1)
+
+    @staticmethod
+    def _block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1]), strict=True):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+def build_unet(in_channels: int, num_classes: int) -> tuple[nn.Module, str]:
+    """The project's U-Net (default UNetConfig) when r2d2_hpc.models is installed, else the stand-in."""
+    try:
+        from r2d2_hpc.models import build_model
+    except ImportError as exc:
+        return StandInUNet2d(in_channels, num_classes), f"stand-in ({exc})"
+    return build_model("unet", in_channels, num_classes, spatial_dims=2), "r2d2_hpc.models: unet (defaults)"
+
+
+def unet_rate(batch: dict[str, torch.Tensor], seconds: float) -> dict[str, Any]:
+    model, origin = build_unet(batch["image"].shape[1], len(CLASSES))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=255)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(batch["image"]), batch["label"]).backward()
+        opt.step()
+
+    step()  # warm-up (allocator, kernels)
+    steps, start = 0, time.perf_counter()
+    while steps < 1 or time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    elapsed = time.perf_counter() - start
+    return {
+        "samples_per_s": steps * len(batch["image"]) / elapsed,
+        "steps": steps,
+        "seconds": round(elapsed, 3),
+        "batch": list(batch["image"].shape),
+        "model": origin,
+        "torch_threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="2 cases, 0.6 s per measurement (under a minute)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/io.json"), help="JSON result file"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="where the data is written (default: a temp dir)"
+    )
+    parser.add_argument("--num-cases", type=int, default=None, help="cases (default 8, quick 2)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[160, 192, 128], help="voxels per case (X Y Z)")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="time per measurement (default 3, quick 0.6)"
+    )
+    cfg = parser.parse_args(argv)
+    cfg.num_cases = cfg.num_cases or (2 if cfg.quick else 8)
+    cfg.seconds = cfg.seconds or (0.6 if cfg.quick else 3.0)
+    shape = tuple(cfg.shape)
+    work = Path(tempfile.mkdtemp(prefix="r2d2-io-", dir=cfg.work_dir))
+    t_start = time.perf_counter()
+    try:
+        print(f"writing {cfg.num_cases} cases of {shape} to {work}", flush=True)
+        formats = write_formats(work, make_volumes(cfg.num_cases, shape, seed=0))
+        setup_s = time.perf_counter() - t_start
+        print(f"  done in {setup_s:.1f} s; reading", flush=True)
+        reads = measure_reads(formats, cfg, shape)
+        full_ds = SliceDataset(formats["paths"]["shard_2d_lz4"], "train", augment=AugmentConfig())
+        full = rate(full_ds, 2, cfg.seconds * 1.5, shuffle=True)
+        full["sample_shape"] = list(full_ds[0]["image"].shape)
+        batch = next(iter(DataLoader(full_ds, batch_size=BATCH, shuffle=True)))
+        unet = unet_rate(batch, cfg.seconds * 1.5)
+        print(f"  full path {full['samples_per_s']:.1f}/s, U-Net {unet['samples_per_s']:.1f}/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "io",
+        "quick": cfg.quick,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "h5py": h5py.__version__,
+            "hdf5plugin": hdf5plugin.version,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "setup": {
+            "num_cases": cfg.num_cases,
+            "case_shape": [1, *shape],
+            "slice_axis": SLICE_AXIS,
+            "slice_shape": [1, *[n for a, n in enumerate(shape) if a != SLICE_AXIS]],
+            "patch": list(PATCH),
+            "seconds_per_measurement": cfg.seconds,
+            "loader_batch": BATCH,
+            "setup_s": round(setup_s, 1),
+            "page_cache": "warm (files were just written): decode cost, not storage bandwidth",
+        },
+        "bytes_on_disk": formats["bytes"],
+        "reads": reads,
+        "full_path": full,
+        "unet_train": unet,
+        "ratios": ratios(reads, full, unet),
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["ratios"], indent=2))
+    print(f"wrote {cfg.out} ({result['total_s']} s)")
+    return result
+
+
+def ratios(reads: dict[str, Any], full: dict[str, Any], unet: dict[str, Any]) -> dict[str, Any]:
+    """The figures the targets are set on (single-process reads: pure per-sample cost)."""
+    out: dict[str, Any] = {}
+    for kind in ("2d", "3d"):
+        r = {name: v["workers0"]["samples_per_s"] for name, v in reads[kind].items()}
+        best_fast = max(r["shard_lz4"], r["shard_none"])
+        out[f"{kind}_shard_lz4_over_niigz"] = round(r["shard_lz4"] / r["nii.gz"], 1)
+        out[f"{kind}_npy_over_best_of_shard_lz4_none"] = round(r["npy_mmap"] / best_fast, 2)
+    out["full_path_over_unet"] = round(full["samples_per_s"] / unet["samples_per_s"], 1)
+    out["targets"] = {
+        "shard_over_niigz": ">= 100",
+        "npy_over_shard": "<= 1.5",
+        "full_path_over_unet": ">= 10",
+    }
+    out["met"] = {
+        "shard_over_niigz": all(out[f"{k}_shard_lz4_over_niigz"] >= 100 for k in ("2d", "3d")),
+        "npy_over_shard": all(out[f"{k}_npy_over_best_of_shard_lz4_none"] <= 1.5 for k in ("2d", "3d")),
+        "full_path_over_unet": out["full_path_over_unet"] >= 10,
+    }
+    return out
+
+
+if __name__ == "__main__":
+    main()
