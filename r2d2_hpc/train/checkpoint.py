@@ -1,0 +1,216 @@
+"""Training checkpoints: ``checkpoints/last.pt`` (and ``prev.pt``), written so that a kill never loses both.
+
+Format ``r2d2-checkpoint`` version 1 is a ``torch.save``'d dict with ``format``, ``format_version``, ``step``,
+``epoch``, ``model`` (state dict of the unwrapped model), ``optimizer``, ``scheduler``, ``scaler`` (or None),
+``sampler`` (dict), ``rng`` (a list indexed by rank of :func:`capture_rng_state` dicts), ``config_hash``,
+``model_info``, ``world_size`` and ``extra``, plus ``saved_at`` and ``torch_version``.
+
+Checkpoints are trusted files: numpy's RNG state is a pickled tuple, so they are loaded with
+``weights_only=False``, which can run code from the file. Only resume from checkpoints you wrote yourself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from r2d2_hpc.errors import R2D2Error, problem
+from r2d2_hpc.train.dist import DistEnv
+
+log = logging.getLogger(__name__)
+
+FORMAT = "r2d2-checkpoint"
+VERSION = 1
+FORMAT_VERSION = VERSION
+LAST, PREV, TMP = "last.pt", "prev.pt", "last.pt.tmp"
+REQUIRED_KEYS = ("step", "epoch", "model", "optimizer", "config_hash", "world_size")
+_DEFAULTS: dict[str, Any] = {
+    "scheduler": None,
+    "scaler": None,
+    "sampler": {},
+    "rng": None,
+    "model_info": {},
+    "extra": {},
+}
+_FIX = "set resume=never to start over, or point resume= at a good checkpoint file"
+
+
+class CheckpointError(R2D2Error):
+    """A checkpoint is missing, truncated, of an unknown format, or belongs to another run."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process' RNG states: torch (CPU), CUDA (current device, when CUDA is in use), numpy, python."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`capture_rng_state` captured (tensors may have been mapped to a GPU by the load)."""
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8).cpu())
+    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+
+
+def gather_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
+    """Every rank calls this; rank 0 gets every rank's :func:`capture_rng_state`, the others None.
+
+    ``gather_object`` pickles on each rank; with NCCL it moves the bytes through the current CUDA device, which
+    :func:`~r2d2_hpc.train.dist.init_process_group` has set.
+    """
+    own = capture_rng_state()
+    if env.world_size == 1 or not (tdist.is_available() and tdist.is_initialized()):
+        if env.world_size > 1:
+            raise RuntimeError(
+                "gather_rng_states needs the process group of a multi-rank job; call init_process_group first"
+            )
+        return [own]
+    states: list[Any] | None = [None] * env.world_size if env.is_main else None
+    tdist.gather_object(own, states, dst=0)
+    return states
+
+
+def config_hash(parts: dict[str, Any]) -> str:
+    """A stable 16-hex-digit hash of JSON-able config parts (key order does not matter)."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Writes ``directory/last.pt`` (rank 0 only) and keeps the previous one as ``prev.pt``; returns the path.
+
+    The new file is written to ``last.pt.tmp``, flushed and fsynced, then ``last.pt`` becomes ``prev.pt`` and the
+    temporary file becomes ``last.pt`` (both ``os.replace``, atomic on POSIX), and the directory is fsynced. A kill
+    at any moment leaves at least one complete checkpoint whenever one existed before.
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"save_checkpoint: the state lacks {', '.join(missing)}; a checkpoint needs "
+            f"{', '.join(REQUIRED_KEYS)}"
+        )
+    full = {
+        **_DEFAULTS,
+        **state,
+        "format": FORMAT,
+        "format_version": VERSION,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch_version": torch.__version__,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp, last = directory / TMP, directory / LAST
+    with open(tmp, "wb") as fh:
+        torch.save(full, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if last.exists():
+        os.replace(last, directory / PREV)
+    os.replace(tmp, last)
+    _fsync_dir(directory)
+    return last
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory; the renames are still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(
+    directory_or_file: Path, expected_config_hash: str | None, map_location: Any = "cpu"
+) -> tuple[dict[str, Any], Path] | None:
+    """Loads the newest usable checkpoint; returns ``(state, path)``, or None when there is none at all.
+
+    A directory is searched for ``last.pt`` then ``prev.pt``; a candidate that cannot be read, has another
+    format or version, or another ``config_hash`` (a foreign checkpoint: another model or run) is logged as a
+    warning and the next one is tried. A path that does not exist gives None unless it ends in ``.pt``.
+
+    Raises:
+        CheckpointError: checkpoints exist but none is usable (each file's problem is listed), or an explicitly
+            named file is missing or unusable.
+    """
+    path = Path(directory_or_file)
+    if path.is_file() or (not path.exists() and path.suffix == ".pt"):
+        return _load_one(path, expected_config_hash, map_location), path
+    candidates = [path / name for name in (LAST, PREV) if (path / name).is_file()]
+    if not candidates:
+        if (path / TMP).exists():
+            log.info(
+                "%s is an incomplete first checkpoint (the run was stopped while writing it); ignoring it",
+                path / TMP,
+            )
+        return None
+    problems = []
+    for candidate in candidates:
+        try:
+            state = _load_one(candidate, expected_config_hash, map_location)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s", exc)
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning("resuming from the older checkpoint %s", candidate)
+        return state, candidate
+    listing = "\n".join(f"  - {p}" for p in problems)
+    raise CheckpointError(f"{path}: no usable checkpoint:\n{listing}\nFix: {_FIX}")
+
+
+def _load_one(path: Path, expected_hash: str | None, map_location: Any) -> dict[str, Any]:
+    """Loads and checks one file; every problem is a CheckpointError naming the file."""
+    if not path.is_file():
+        raise CheckpointError(problem(path, "the file does not exist", "a checkpoint file", _FIX))
+    try:
+        with open(path, "rb") as fh:
+            state = torch.load(fh, map_location=map_location, weights_only=False)  # trusted files (see above)
+    except Exception as exc:  # any failure to unpickle means the file is cut or not a torch file
+        found = f"it cannot be read ({type(exc).__name__}: {str(exc)[:200]}): truncated or not a torch file"
+        raise CheckpointError(problem(path, found, f"a complete {FORMAT} file", _FIX)) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = f"format {state.get('format')!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(
+            problem(path, f"it is not an r2d2_hpc checkpoint ({found})", f"format {FORMAT!r}", _FIX)
+        )
+    version = state.get("format_version")
+    if version != VERSION:
+        newer = isinstance(version, int) and version > VERSION
+        found = f"format_version {version!r}" + (" (written by a newer r2d2_hpc)" if newer else "")
+        fix = "upgrade r2d2_hpc to read it, or " + _FIX if newer else _FIX
+        raise CheckpointError(problem(path, found, f"format_version {VERSION}", fix))
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(problem(path, f"it lacks {', '.join(missing)}", "a complete checkpoint", _FIX))
+    if expected_hash is not None and state["config_hash"] != expected_hash:
+        found = (
+            f"it belongs to another run or model (config_hash {state['config_hash']}, this run has "
+            f"{expected_hash})"
+        )
+        raise CheckpointError(
+            problem(path, found, "a checkpoint of this run's settings", "use a new run_dir, or " + _FIX)
+        )
+    return state

@@ -1,0 +1,307 @@
+"""Per-rank timing logs ``timing/rank{R}.jsonl`` (schema 1) and the step timer that fills them.
+
+Each line is one JSON object with a ``type``:
+
+- ``header``: who and what ran (see :func:`run_header`); a resumed run appends a new header whose
+  ``resumed_at_step`` is the checkpoint's step, so steps after it may appear twice (the later lines win).
+- ``step``: step, epoch, data_wait_s, compute_s, step_s, samples (global batch), loss, lr, time (unix s).
+- ``eval``: step, epoch, dice_per_class, wall_s (since the run started), plus any extra fields.
+- ``end``: step, time, plus any extra fields (status, a weights hash), written when this rank stops.
+
+Non-finite floats (a NaN loss, the Dice of an absent class) are written as ``null`` so every line is strict JSON.
+Lines are buffered and written every ~1 s or 50 lines, so logging costs a step nothing noticeable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r2d2_hpc.errors import R2D2Error, problem
+from r2d2_hpc.train.dist import DistEnv
+
+SCHEMA = 1
+FLUSH_EVERY_S = 1.0
+FLUSH_EVERY_LINES = 50
+
+
+class TimingLog:
+    """An append-only JSONL log of one rank; see the module docstring for the line types."""
+
+    def __init__(self, path: Path, header: dict[str, Any], append: bool) -> None:
+        """Opens ``path`` and writes ``header`` at once.
+
+        Args:
+            path: the log file; its folder is created.
+            header: the header line (usually :func:`run_header`); ``type`` and ``schema`` are set here.
+            append: keep earlier lines (resume); a cut last line (kill -9 mid-write) is truncated away first.
+        """
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if append and self.path.exists():
+            _drop_cut_line(self.path)
+        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._buffer: list[str] = []
+        self._last_flush_s = time.monotonic()
+        self._write({"resumed_at_step": None, **header, "type": "header", "schema": SCHEMA})
+        self.flush()
+
+    def step(
+        self,
+        step: int,
+        epoch: int,
+        data_wait_s: float,
+        compute_s: float,
+        step_s: float,
+        samples: int,
+        loss: float,
+        lr: float,
+    ) -> None:
+        """One optimizer step."""
+        self._write(
+            {
+                "type": "step",
+                "step": int(step),
+                "epoch": int(epoch),
+                "data_wait_s": data_wait_s,
+                "compute_s": compute_s,
+                "step_s": step_s,
+                "samples": int(samples),
+                "loss": loss,
+                "lr": lr,
+                "time": round(time.time(), 3),
+            }
+        )
+
+    def evaluation(
+        self, step: int, epoch: int, dice_per_class: list[float], wall_s: float, **extra: Any
+    ) -> None:
+        """One validation pass (Dice per class, wall-clock seconds since the run started)."""
+        self._write(
+            {
+                "type": "eval",
+                "step": int(step),
+                "epoch": int(epoch),
+                "dice_per_class": [float(d) for d in dice_per_class],
+                "wall_s": wall_s,
+                **extra,
+            }
+        )
+
+    def end(self, step: int, **extra: Any) -> None:
+        """The run stopped on this rank (completed or preempted), e.g. with ``status`` and ``weights_sha256``."""
+        self._write({"type": "end", "step": int(step), "time": round(time.time(), 3), **extra})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._fh is None:
+            raise ValueError(f"{self.path}: the timing log is closed")
+        self._buffer.append(json.dumps(_finite(record), allow_nan=False, default=str) + "\n")
+        if len(self._buffer) >= FLUSH_EVERY_LINES or time.monotonic() - self._last_flush_s >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the buffered lines to the file (the OS writes them to disk in its own time)."""
+        if self._fh is not None and self._buffer:
+            self._fh.write("".join(self._buffer))
+            self._fh.flush()
+            self._buffer.clear()
+        self._last_flush_s = time.monotonic()
+
+    def close(self) -> None:
+        """Flushes and closes; idempotent."""
+        if self._fh is not None:
+            self.flush()
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> TimingLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Truncates the file after its last newline: a line cut by a kill is dropped, complete lines are kept."""
+    with open(path, "rb+") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - 65536)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            if start + len(chunk) == end and chunk.endswith(b"\n"):
+                return
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                fh.truncate(start + cut + 1)
+                return
+            pos = start
+        fh.truncate(0)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Reads a JSONL log; a cut last line (no newline, not valid JSON) is dropped, a bad line elsewhere raises."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # the last piece has no newline: a write cut short
+                break
+            raise R2D2Error(
+                problem(
+                    path,
+                    f"line {number} is not JSON ({exc.msg})",
+                    "one JSON object per line",
+                    "delete the damaged line (the log is append-only)",
+                )
+            ) from exc
+    return records
+
+
+def run_header(
+    env: DistEnv,
+    run_id: str,
+    model: str,
+    batch_per_rank: int,
+    global_batch: int,
+    scaling: str,
+    lr_rule: str,
+    amp: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The header line of a rank's timing log: the run, the job, the hardware and the software."""
+    return {
+        "type": "header",
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "slurm_job_id": env.job_id,
+        "nodes": env.num_nodes,
+        "world_size": env.world_size,
+        "rank": env.rank,
+        "local_rank": env.local_rank,
+        "local_world_size": env.local_world_size,
+        "source": env.source,
+        "backend": env.backend,
+        "host": socket.gethostname(),
+        "device": env.device,
+        "device_name": device_name(env.device),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "git_sha": git_sha(),
+        "model": model,
+        "batch_per_rank": batch_per_rank,
+        "global_batch": global_batch,
+        "scaling": scaling,
+        "lr_rule": lr_rule,
+        "amp": amp,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for ``cuda:<i>``, else the CPU model from /proc/cpuinfo."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return _cpu_name()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@functools.cache
+def git_sha() -> str | None:
+    """The commit of the r2d2_hpc checkout, or None (no git, not a checkout); never raises."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
+
+
+class StepTimer:
+    """Splits each step into data wait and compute; synchronises CUDA before every clock read.
+
+    Call ``data_ready()`` when a batch has arrived and ``compute_done()`` when its work is finished (once per
+    micro-batch with gradient accumulation; the parts add up), then ``lap()`` at the end of the step. Call
+    ``reset()`` after work that belongs to no step (evaluation, a checkpoint) so it is not counted as data wait.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.reset()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def reset(self) -> None:
+        """Starts a new step now, forgetting what was measured since the last lap."""
+        self._start = self._mark = self._now()
+        self._data_wait_s = self._compute_s = 0.0
+
+    def data_ready(self) -> None:
+        """A batch is here: the time since the last mark was spent waiting for data."""
+        now = self._now()
+        self._data_wait_s += now - self._mark
+        self._mark = now
+
+    def compute_done(self) -> None:
+        """The batch's forward/backward/optimizer work has finished on the device."""
+        now = self._now()
+        self._compute_s += now - self._mark
+        self._mark = now
+
+    def lap(self) -> tuple[float, float, float]:
+        """Ends the step; returns ``(data_wait_s, compute_s, step_s)`` and starts the next step."""
+        now = self._now()
+        result = (self._data_wait_s, self._compute_s, now - self._start)
+        self._start = self._mark = now
+        self._data_wait_s = self._compute_s = 0.0
+        return result

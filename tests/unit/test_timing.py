@@ -1,0 +1,185 @@
+"""Timing logs: lines and types, buffering, appending after a cut line, the header, and the step timer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from r2d2_hpc.errors import R2D2Error
+from r2d2_hpc.train import timing
+from r2d2_hpc.train.dist import DistEnv
+from r2d2_hpc.train.timing import StepTimer, TimingLog, read_jsonl, run_header
+
+ENV = DistEnv(1, 2, 1, 2, "127.0.0.1", 29500, 1, "gloo", "cpu", "slurm", "4711")
+
+
+def write_steps(log: TimingLog, steps: range) -> None:
+    for s in steps:
+        log.step(s, 0, 0.01 * s, 0.1, 0.11 + 0.01 * s, 16, 1.0 / s, 0.01)
+
+
+def test_lines_and_types(tmp_path: Path) -> None:
+    path = tmp_path / "timing" / "rank1.jsonl"
+    with TimingLog(path, {"run_id": "r1", "world_size": 2}, append=False) as log:
+        write_steps(log, range(1, 4))
+        log.step(4, 1, 0.0, 0.1, 0.1, 16, float("nan"), 0.01)
+        log.evaluation(4, 1, [0.99, float("nan"), 0.5], 12.5, num_samples=7)
+        log.end(4, status="completed", weights_sha256="ab12")
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # strict JSON: no NaN literals
+    assert [r["type"] for r in records] == ["header", "step", "step", "step", "step", "eval", "end"]
+    header = records[0]
+    assert (header["schema"], header["run_id"], header["world_size"], header["resumed_at_step"]) == (
+        1,
+        "r1",
+        2,
+        None,
+    )
+    step2 = records[2]
+    assert (step2["step"], step2["epoch"], step2["samples"], step2["loss"], step2["lr"]) == (
+        2,
+        0,
+        16,
+        0.5,
+        0.01,
+    )
+    assert step2["data_wait_s"] == pytest.approx(0.02) and step2["step_s"] == pytest.approx(0.13)
+    assert abs(step2["time"] - time.time()) < 60
+    assert records[4]["loss"] is None  # a NaN loss
+    assert records[5] == {
+        "type": "eval",
+        "step": 4,
+        "epoch": 1,
+        "dice_per_class": [0.99, None, 0.5],
+        "wall_s": 12.5,
+        "num_samples": 7,
+    }
+    assert (records[6]["step"], records[6]["status"], records[6]["weights_sha256"]) == (
+        4,
+        "completed",
+        "ab12",
+    )
+    assert read_jsonl(path) == records
+
+
+def test_buffered_until_50_lines_or_1_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "rank0.jsonl"
+    monkeypatch.setattr(timing, "FLUSH_EVERY_S", 3600.0)
+    log = TimingLog(path, {}, append=False)
+    write_steps(log, range(1, 50))
+    assert len(path.read_text().splitlines()) == 1  # only the header, written at once
+    write_steps(log, range(50, 51))
+    assert len(path.read_text().splitlines()) == 51
+    monkeypatch.setattr(timing, "FLUSH_EVERY_S", 0.0)
+    write_steps(log, range(51, 52))
+    assert len(path.read_text().splitlines()) == 52
+    log.close()
+    log.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        write_steps(log, range(52, 53))
+
+
+def test_append_after_a_cut_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "rank0.jsonl"
+    with TimingLog(path, {"run_id": "r"}, append=False) as log:
+        write_steps(log, range(1, 4))
+    with open(path, "a") as fh:
+        fh.write('{"type": "step", "step": 4, "epo')  # kill -9 in the middle of a write
+    assert [r.get("step") for r in read_jsonl(path)] == [None, 1, 2, 3]  # the cut line is dropped
+    with TimingLog(path, {"run_id": "r", "resumed_at_step": 2}, append=True) as log:
+        write_steps(log, range(3, 5))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["type"], r.get("step")) for r in records] == [
+        ("header", None),
+        ("step", 1),
+        ("step", 2),
+        ("step", 3),
+        ("header", None),
+        ("step", 3),
+        ("step", 4),
+    ]
+    assert records[4]["resumed_at_step"] == 2
+
+
+def test_append_to_an_intact_or_missing_file_and_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "rank0.jsonl"
+    with TimingLog(path, {}, append=True) as log:  # nothing to resume: created
+        write_steps(log, range(1, 3))
+    with TimingLog(path, {}, append=True) as log:
+        write_steps(log, range(3, 4))
+    assert [r["type"] for r in read_jsonl(path)] == ["header", "step", "step", "header", "step"]
+    with TimingLog(path, {}, append=False) as log:  # a fresh run starts the file over
+        pass
+    assert [r["type"] for r in read_jsonl(path)] == ["header"]
+
+
+def test_cut_line_without_any_newline(tmp_path: Path) -> None:
+    path = tmp_path / "rank0.jsonl"
+    path.write_text('{"type": "hea')
+    assert read_jsonl(path) == []
+    TimingLog(path, {"run_id": "x"}, append=True).close()
+    assert [r["run_id"] for r in read_jsonl(path)] == ["x"]
+
+
+def test_damaged_middle_line_raises(tmp_path: Path) -> None:
+    path = tmp_path / "rank0.jsonl"
+    path.write_text('{"type": "header"}\n{"type": "st\n{"type": "step"}\n')
+    with pytest.raises(R2D2Error, match="line 2 is not JSON"):
+        read_jsonl(path)
+
+
+def test_run_header() -> None:
+    header = run_header(ENV, "run-7", "unet", 8, 16, "strong", "sqrt", "bf16", {"max_steps": 200})
+    assert (header["type"], header["schema"], header["run_id"], header["slurm_job_id"]) == (
+        "header",
+        1,
+        "run-7",
+        "4711",
+    )
+    assert (header["nodes"], header["world_size"], header["rank"], header["local_rank"]) == (1, 2, 1, 1)
+    assert (header["model"], header["batch_per_rank"], header["global_batch"]) == ("unet", 8, 16)
+    assert (header["scaling"], header["lr_rule"], header["amp"], header["max_steps"]) == (
+        "strong",
+        "sqrt",
+        "bf16",
+        200,
+    )
+    assert header["torch_version"] == torch.__version__ and header["cuda_version"] == torch.version.cuda
+    assert header["device_name"] and header["device_name"] != "cpu"
+    assert datetime.fromisoformat(header["started_at"]).tzinfo is not None
+    json.dumps(header)  # JSON-able as is
+    if shutil.which("git"):
+        repo = Path(timing.__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False
+        )
+        assert header["git_sha"] == (out.stdout.strip() if out.returncode == 0 else None)
+
+
+def test_step_timer_splits_wait_and_compute() -> None:
+    timer = StepTimer(torch.device("cpu"))
+    time.sleep(0.05)
+    timer.data_ready()
+    time.sleep(0.1)
+    timer.compute_done()
+    data_wait_s, compute_s, step_s = timer.lap()
+    assert 0.045 <= data_wait_s < 0.5 and 0.095 <= compute_s < 0.6
+    assert data_wait_s + compute_s <= step_s < data_wait_s + compute_s + 0.05
+    # two micro-batches (gradient accumulation) add up; reset() forgets time outside any step
+    time.sleep(0.5)
+    timer.reset()
+    for _ in range(2):
+        time.sleep(0.02)
+        timer.data_ready()
+        time.sleep(0.04)
+        timer.compute_done()
+    data_wait_s, compute_s, step_s = timer.lap()
+    assert 0.038 <= data_wait_s < 0.4 and 0.078 <= compute_s < 0.6  # without the 0.5 s before reset()
+    assert data_wait_s + compute_s <= step_s < 1.0
