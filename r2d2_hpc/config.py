@@ -154,6 +154,104 @@ class PrepareConfig:
             self.out = self.data.shard_dir()
 
 
+SCALING_MODES = ("strong", "weak")
+LR_RULES = ("none", "linear", "sqrt")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("poly", "cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (config group ``train/``). Batch sizes are in samples (2D slices or 3D patches)."""
+
+    max_steps: int = 200  # optimizer steps of the whole run (over all epochs)
+    scaling: str = "strong"  # strong: global_batch fixed and split across ranks | weak: batch_per_rank fixed
+    global_batch: int = 16  # strong scaling: samples per optimizer step over all ranks
+    batch_per_rank: int = 8  # weak scaling: samples per optimizer step on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    lr: float = 0.01  # peak learning rate at lr_reference_batch
+    lr_scaling: str = "none"  # none | linear | sqrt: scale lr by (global batch / lr_reference_batch)
+    lr_reference_batch: int = 16  # global batch at which lr applies unscaled
+    momentum: float = 0.99  # SGD momentum (Nesterov)
+    weight_decay: float = 3e-5  # decoupled for adamw, L2 for sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw betas
+    schedule: str = "poly"  # poly | cosine | constant, after the warmup
+    warmup_steps: int = 0  # linear warmup from 0 to the (scaled) peak lr
+    poly_power: float = 0.9  # exponent of the poly schedule
+    min_lr_ratio: float = 0.0  # the schedule's floor, as a share of the peak lr
+    dice_weight: float = 1.0  # loss = ce_weight * cross-entropy + dice_weight * soft Dice loss
+    ce_weight: float = 1.0  # see dice_weight
+    amp: str = "none"  # none | bf16 | fp16 (fp16 with a grad scaler; CUDA only, ignored with a warning on CPU)
+    grad_clip: float | None = 12.0  # max global grad norm; None disables clipping
+    ddp_bucket_mib: float = 25.0  # DDP gradient bucket size
+    static_graph: bool = False  # DDP static_graph
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # channels-last memory format
+    seed: int = 0  # base seed: ranks and workers derive theirs from it
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests use it)
+    num_workers: int = 2  # DataLoader workers per rank
+    augment: bool = True  # flips, 90-degree rotations, intensity scale/shift on training samples
+    eval_every_steps: int = 50  # validation every N steps (and at the end); 0 = only at the end
+    eval_batch: int = 8  # validation micro-batch per rank
+    log_every_steps: int = 10  # a log line every N steps when no progress bar is shown
+    checkpoint_every_steps: int = 50  # a checkpoint every N steps (and at the end); 0 = only at the end
+    dist_timeout_s: float = 300.0  # process-group timeout: a dead or stuck rank fails the others after this
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    threads_per_rank: int | None = None  # torch.set_num_threads on each rank; None = cpu count / local ranks
+    timing_warmup_steps: int = 5  # steps excluded from the throughput in result.json
+
+    def __post_init__(self) -> None:
+        for name, choices in (("scaling", SCALING_MODES), ("lr_scaling", LR_RULES), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES), ("amp", AMP_MODES), ("backend", BACKENDS)):
+            _check_choice(f"train.{name}", getattr(self, name), choices)
+        positive = ("max_steps", "global_batch", "batch_per_rank", "grad_accum", "lr_reference_batch", "eval_batch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if self.lr <= 0 or self.dist_timeout_s <= 0:
+            raise ConfigError("train.lr and train.dist_timeout_s must be positive")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
+
+    def micro_batch(self, world_size: int) -> int:
+        """Samples per forward pass on each rank, from the scaling mode; errors name the fix."""
+        if self.scaling == "weak":
+            per_rank = self.batch_per_rank
+        else:
+            if self.global_batch % world_size:
+                raise ConfigError(f"train.global_batch={self.global_batch} cannot be split over {world_size} ranks "
+                                  f"(strong scaling); set it to a multiple of {world_size}")
+            per_rank = self.global_batch // world_size
+        if per_rank % self.grad_accum:
+            raise ConfigError(f"{per_rank} samples per rank cannot be split into train.grad_accum={self.grad_accum} "
+                              "micro-batches; change train.grad_accum or the batch size")
+        return per_rank // self.grad_accum
+
+    def effective_global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over all ranks."""
+        return self.global_batch if self.scaling == "strong" else self.batch_per_rank * world_size
+
+
+@dataclass
+class RunConfig:
+    """``python -m r2d2_hpc.train``: one training run (one process per rank)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "spatial_dims": 2})  # model/ group
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = "runs/default"  # where logs, checkpoints and result.json go
+    resume: str = "auto"  # auto: continue from the run dir's last complete checkpoint | never | <checkpoint path>
+
+    def __post_init__(self) -> None:
+        if "name" not in self.model:
+            raise ConfigError("model.name is missing; choose one of: unet, fcn (e.g. model=unet)")
+        if self.model.get("spatial_dims", 2) not in (2, 3):
+            raise ConfigError(f"model.spatial_dims={self.model.get('spatial_dims')} must be 2 or 3")
+
+
 def _plain(value: Any) -> Any:
     """Turns OmegaConf containers and tuples into plain JSON-able Python values."""
     try:
@@ -191,6 +289,8 @@ def to_dataclass(cls: type, cfg: Any) -> Any:
 
 
 _DATACLASS_FIELDS: dict[tuple[str, str], type] = {
+    ("RunConfig", "data"): DataConfig,
+    ("RunConfig", "train"): TrainConfig,
     ("PrepareConfig", "data"): DataConfig,
     ("PrepareConfig", "storage"): ShardConfig,
 }
@@ -203,3 +303,5 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(group="train", name="schema", node=TrainConfig)
+    cs.store(name="run_schema", node=RunConfig)

@@ -1,0 +1,85 @@
+"""Process set-up and the pieces of a run that are built from its config: threads, seeds, model, config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from r2d2_hpc.config import RunConfig, TrainConfig
+from r2d2_hpc.models import build_model, count_parameters, flops_per_sample
+from r2d2_hpc.train.dist import DistEnv
+
+# Settings that make a checkpoint belong to a run. max_steps is left out on purpose: extending a finished run
+# with a larger train.max_steps is a legitimate resume.
+_HASHED_TRAIN_KEYS = ("scaling", "global_batch", "batch_per_rank", "grad_accum", "optimizer", "lr", "lr_scaling",
+                      "lr_reference_batch", "schedule", "warmup_steps", "seed", "amp")
+
+
+def configure_process(tc: TrainConfig, env: DistEnv) -> None:
+    """Threads per rank, determinism and the common seed (the model is initialised identically on every rank)."""
+    threads = tc.threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, env.local_world_size))
+    torch.set_num_threads(threads)
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    seed_everything(tc.seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA), numpy's global generator and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Per-rank streams (dropout) once the model exists: distinct across ranks, reproducible per run."""
+    seed_everything(seed * 100_003 + rank + 1)
+
+
+def build_model_for(cfg: RunConfig, manifest: dict[str, Any]) -> torch.nn.Module:
+    """Builds the configured model for the channels and classes of the shard set."""
+    options = {k: v for k, v in cfg.model.items() if k not in ("name", "spatial_dims")}
+    return build_model(cfg.model["name"], in_channels=len(manifest["channels"]),
+                       num_classes=len(manifest["classes"]), spatial_dims=int(cfg.model.get("spatial_dims", 2)),
+                       **options)
+
+
+def model_info(cfg: RunConfig, manifest: dict[str, Any], model: torch.nn.Module,
+               sample_shape: tuple[int, ...]) -> dict[str, Any]:
+    """What a checkpoint must carry to rebuild the model and its preprocessing elsewhere (predict)."""
+    return {
+        "name": cfg.model["name"],
+        "spatial_dims": int(cfg.model.get("spatial_dims", 2)),
+        "options": {k: v for k, v in cfg.model.items() if k not in ("name", "spatial_dims")},
+        "in_channels": len(manifest["channels"]),
+        "num_classes": len(manifest["classes"]),
+        "class_names": list(manifest["classes"]),
+        "channel_names": list(manifest["channels"]),
+        "dataset": manifest.get("dataset"),
+        "layout": manifest.get("layout"),
+        "preprocessing": manifest.get("preprocessing"),
+        "modality": manifest.get("modality"),
+        "required_multiple": int(model.required_multiple),
+        "sample_shape": list(sample_shape),
+        "num_params": count_parameters(model),
+        "flops_per_sample": flops_per_sample(model, sample_shape),
+    }
+
+
+def run_config_hash(cfg: RunConfig) -> str:
+    """Hash of the settings a checkpoint must share with the run that resumes it."""
+    train = asdict(cfg.train)
+    parts = {"model": cfg.model, "shards": cfg.data.shard_dir(),
+             "train": {k: train[k] for k in _HASHED_TRAIN_KEYS}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
