@@ -44,7 +44,9 @@ class DataConfig:
     name: str = "mni_tissue"  # source kind: msd | folders | mni_tissue | synthetic
     root: str | None = None  # source folder (MSD task folder, image/label folder); None for mni_tissue
     dataset_name: str | None = None  # name written to the manifest; defaults to the folder or source name
-    shards: str | None = None  # prepared shard directory (prepare writes, training reads); None: data/prepared/<name>
+    shards: str | None = (
+        None  # prepared shard directory (prepare writes, training reads); None: data/prepared/<name>
+    )
     # --- plain folders (name=folders) ---
     image_glob: str = "images/*.nii.gz"  # glob, relative to root, of image files
     label_glob: str = "labels/*.nii.gz"  # glob, relative to root, of label files
@@ -86,8 +88,11 @@ class DataConfig:
         _check_choice("data.name", self.name, SOURCES)
         _check_choice("data.normalisation", self.normalisation, NORMALISATIONS)
         _check_choice("data.layout", self.layout, LAYOUTS)
-        _check_choice("data.modality", str(self.modality).upper() if self.modality != "auto" else "auto",
-                      ("auto", "MRI", "CT"))
+        _check_choice(
+            "data.modality",
+            str(self.modality).upper() if self.modality != "auto" else "auto",
+            ("auto", "MRI", "CT"),
+        )
         for axis_name in ("slice_axis", "slab_axis"):
             if getattr(self, axis_name) not in (0, 1, 2):
                 raise ConfigError(f"data.{axis_name}={getattr(self, axis_name)} must be 0, 1 or 2")
@@ -104,7 +109,9 @@ class DataConfig:
         if not 1 <= self.num_channels <= 4 or not 2 <= self.num_classes <= 6:
             raise ConfigError("data.num_channels must be 1-4 and data.num_classes 2-6 (synthetic phantoms)")
         if self.slab_thickness < 1 or self.slab_gap < 0 or self.val_every < 2:
-            raise ConfigError("data.slab_thickness >= 1, data.slab_gap >= 0 and data.val_every >= 2 are needed")
+            raise ConfigError(
+                "data.slab_thickness >= 1, data.slab_gap >= 0 and data.val_every >= 2 are needed"
+            )
 
     def shard_dir(self) -> str:
         """The prepared shard directory: ``shards`` when set, else ``data/prepared/<name>``."""
@@ -113,8 +120,18 @@ class DataConfig:
     def preprocessing_settings(self) -> dict[str, Any]:
         """The settings that change the prepared arrays; their hash decides whether a case is redone."""
         keys = (
-            "name", "affine_tolerance", "target_spacing", "normalisation", "ct_window", "ct_percentiles",
-            "crop_nonzero", "label_map", "modality", "slab_thickness", "slab_gap", "slab_axis",
+            "name",
+            "affine_tolerance",
+            "target_spacing",
+            "normalisation",
+            "ct_window",
+            "ct_percentiles",
+            "crop_nonzero",
+            "label_map",
+            "modality",
+            "slab_thickness",
+            "slab_gap",
+            "slab_axis",
         )
         return {k: _plain(getattr(self, k)) for k in keys}
 
@@ -134,7 +151,9 @@ class ShardConfig:
         _check_choice("storage.compression", self.compression, COMPRESSIONS)
         _check_choice("storage.image_dtype", self.image_dtype, IMAGE_DTYPES)
         if self.target_shard_mib <= 0 or self.chunk_slices < 1 or self.chunk_edge < 4:
-            raise ConfigError("storage.target_shard_mib > 0, storage.chunk_slices >= 1, storage.chunk_edge >= 4")
+            raise ConfigError(
+                "storage.target_shard_mib > 0, storage.chunk_slices >= 1, storage.chunk_edge >= 4"
+            )
 
 
 @dataclass
@@ -184,7 +203,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # the schedule's floor, as a share of the peak lr
     dice_weight: float = 1.0  # loss = ce_weight * cross-entropy + dice_weight * soft Dice loss
     ce_weight: float = 1.0  # see dice_weight
-    amp: str = "none"  # none | bf16 | fp16 (fp16 with a grad scaler; CUDA only, ignored with a warning on CPU)
+    amp: str = (
+        "none"  # none | bf16 | fp16 (fp16 with a grad scaler; CUDA only, ignored with a warning on CPU)
+    )
     grad_clip: float | None = 12.0  # max global grad norm; None disables clipping
     ddp_bucket_mib: float = 25.0  # DDP gradient bucket size
     static_graph: bool = False  # DDP static_graph
@@ -204,17 +225,32 @@ class TrainConfig:
     timing_warmup_steps: int = 5  # steps excluded from the throughput in result.json
 
     def __post_init__(self) -> None:
-        for name, choices in (("scaling", SCALING_MODES), ("lr_scaling", LR_RULES), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES), ("amp", AMP_MODES), ("backend", BACKENDS)):
+        for name, choices in (
+            ("scaling", SCALING_MODES),
+            ("lr_scaling", LR_RULES),
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("amp", AMP_MODES),
+            ("backend", BACKENDS),
+        ):
             _check_choice(f"train.{name}", getattr(self, name), choices)
-        positive = ("max_steps", "global_batch", "batch_per_rank", "grad_accum", "lr_reference_batch", "eval_batch")
+        positive = (
+            "max_steps",
+            "global_batch",
+            "batch_per_rank",
+            "grad_accum",
+            "lr_reference_batch",
+            "eval_batch",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0 or self.dist_timeout_s <= 0:
             raise ConfigError("train.lr and train.dist_timeout_s must be positive")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
-            raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
+        if self.warmup_steps < 0 or (self.warmup_steps >= self.max_steps and self.warmup_steps > 0):
+            raise ConfigError(
+                f"train.warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})"
+            )
 
     def micro_batch(self, world_size: int) -> int:
         """Samples per forward pass on each rank, from the scaling mode; errors name the fix."""
@@ -222,12 +258,16 @@ class TrainConfig:
             per_rank = self.batch_per_rank
         else:
             if self.global_batch % world_size:
-                raise ConfigError(f"train.global_batch={self.global_batch} cannot be split over {world_size} ranks "
-                                  f"(strong scaling); set it to a multiple of {world_size}")
+                raise ConfigError(
+                    f"train.global_batch={self.global_batch} cannot be split over {world_size} ranks "
+                    f"(strong scaling); set it to a multiple of {world_size}"
+                )
             per_rank = self.global_batch // world_size
         if per_rank % self.grad_accum:
-            raise ConfigError(f"{per_rank} samples per rank cannot be split into train.grad_accum={self.grad_accum} "
-                              "micro-batches; change train.grad_accum or the batch size")
+            raise ConfigError(
+                f"{per_rank} samples per rank cannot be split into train.grad_accum={self.grad_accum} "
+                "micro-batches; change train.grad_accum or the batch size"
+            )
         return per_rank // self.grad_accum
 
     def effective_global_batch(self, world_size: int) -> int:
@@ -243,7 +283,9 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "spatial_dims": 2})  # model/ group
     train: TrainConfig = field(default_factory=TrainConfig)
     run_dir: str = "runs/default"  # where logs, checkpoints and result.json go
-    resume: str = "auto"  # auto: continue from the run dir's last complete checkpoint | never | <checkpoint path>
+    resume: str = (
+        "auto"  # auto: continue from the run dir's last complete checkpoint | never | <checkpoint path>
+    )
 
     def __post_init__(self) -> None:
         if "name" not in self.model:

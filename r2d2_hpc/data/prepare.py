@@ -64,8 +64,10 @@ def source_digest(ref: CaseRef) -> tuple[dict[str, dict[str, str]], str]:
     for role in sorted(ref.files):
         path = Path(ref.files[role])
         if not path.is_file():
-            raise DataError(f"{path}: the {role} file of case {ref.case_id!r} is missing; expected a NIfTI file. "
-                            "Fix: restore the file or remove the case from the dataset listing.")
+            raise DataError(
+                f"{path}: the {role} file of case {ref.case_id!r} is missing; expected a NIfTI file. "
+                "Fix: restore the file or remove the case from the dataset listing."
+            )
         files[role] = {"path": str(path), "sha256": _cached_sha256(str(path), path.stat().st_mtime_ns)}
     extra = json.dumps(ref.extra, sort_keys=True, default=str)
     combined = hashlib.sha256((json.dumps(files, sort_keys=True) + extra).encode()).hexdigest()
@@ -83,24 +85,44 @@ def _cached_sha256(path: str, mtime_ns: int) -> str:
     return _SHA_CACHE[key]
 
 
-def _stage_case(source: Source, ref: CaseRef, cfg: DataConfig, staging: Path, s_hash: str,
-                reusable: dict[str, str], force: bool) -> dict[str, Any]:
+def _stage_case(
+    source: Source,
+    ref: CaseRef,
+    cfg: DataConfig,
+    staging: Path,
+    s_hash: str,
+    reusable: dict[str, str],
+    force: bool,
+) -> dict[str, Any]:
     """Worker job: returns the case's staging record, preprocessing the case only when needed."""
     files, digest = source_digest(ref)
     sidecar = staging / f"{ref.case_id}.json"
     if not force:
         if reusable.get(ref.case_id) == digest:
-            return {"case_id": ref.case_id, "origin": "shards", "source_files": files, "source_sha256": digest}
+            return {
+                "case_id": ref.case_id,
+                "origin": "shards",
+                "source_files": files,
+                "source_sha256": digest,
+            }
         if sidecar.is_file():
             record = json.loads(sidecar.read_text())
             if record.get("source_sha256") == digest and record.get("settings_hash") == s_hash:
                 return record | {"origin": "staging"}
     raw = source.load(ref)
     case = preprocess(raw, cfg, source.info)
-    with ShardWriter(staging, ref.case_id, _STAGING_SHARDS, layout_of(cfg), len(source.info.class_names)) as w:
+    with ShardWriter(
+        staging, ref.case_id, _STAGING_SHARDS, layout_of(cfg), len(source.info.class_names)
+    ) as w:
         entry = w.add(case)
-    record = {"case_id": ref.case_id, "entry": entry, "source_files": files, "source_sha256": digest,
-              "settings_hash": s_hash, "split": ref.split}
+    record = {
+        "case_id": ref.case_id,
+        "entry": entry,
+        "source_files": files,
+        "source_sha256": digest,
+        "settings_hash": s_hash,
+        "split": ref.split,
+    }
     _atomic_write_text(sidecar, json.dumps(record))
     return record | {"origin": "new"}
 
@@ -124,8 +146,9 @@ def _old_manifest(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def _reusable_cases(out: Path, old: dict[str, Any] | None, s_hash: str, storage: dict[str, Any],
-                    layout: dict[str, Any]) -> dict[str, str]:
+def _reusable_cases(
+    out: Path, old: dict[str, Any] | None, s_hash: str, storage: dict[str, Any], layout: dict[str, Any]
+) -> dict[str, str]:
     """Case id -> source digest for the cases the current shard set holds with the same settings."""
     if old is None or old["preprocessing"].get("settings_hash") != s_hash:
         return {}
@@ -141,8 +164,10 @@ def _split(refs: list[CaseRef], cfg: DataConfig) -> dict[str, list[str]]:
     if cfg.val_cases:
         unknown = sorted(set(cfg.val_cases) - set(ids))
         if unknown:
-            raise DataError(f"data.val_cases names unknown case(s) {unknown}; expected ids among {ids[:10]}... "
-                            "Fix: correct data.val_cases.")
+            raise DataError(
+                f"data.val_cases names unknown case(s) {unknown}; expected ids among {ids[:10]}... "
+                "Fix: correct data.val_cases."
+            )
         val = set(cfg.val_cases)
     elif all(r.split is not None for r in refs):
         val = {r.case_id for r in refs if r.split == "val"}
@@ -155,8 +180,14 @@ def _split(refs: list[CaseRef], cfg: DataConfig) -> dict[str, list[str]]:
     return {"train": [c for c in ids if c not in val], "val": [c for c in ids if c in val]}
 
 
-def _run_workers(cfg: PrepareConfig, source: Source, refs: list[CaseRef], staging: Path, s_hash: str,
-                 reusable: dict[str, str]) -> list[dict[str, Any]]:
+def _run_workers(
+    cfg: PrepareConfig,
+    source: Source,
+    refs: list[CaseRef],
+    staging: Path,
+    s_hash: str,
+    reusable: dict[str, str],
+) -> list[dict[str, Any]]:
     """Stages every case, in parallel processes; collects every failure before raising."""
     args = (cfg.data, staging, s_hash, reusable, cfg.force)
     records: list[dict[str, Any]] = []
@@ -183,8 +214,10 @@ def _run_workers(cfg: PrepareConfig, source: Source, refs: list[CaseRef], stagin
                 bar.update(1)
     bar.close()
     if errors:
-        raise DataError(f"{len(errors)} of {len(refs)} case(s) could not be prepared (the others are staged "
-                        "and will not be redone):\n  - " + "\n  - ".join(sorted(errors)))
+        raise DataError(
+            f"{len(errors)} of {len(refs)} case(s) could not be prepared (the others are staged "
+            "and will not be redone):\n  - " + "\n  - ".join(sorted(errors))
+        )
     return sorted(records, key=lambda r: r["case_id"])
 
 
@@ -222,8 +255,14 @@ def _read_case(reader: ShardReader, case_id: str, entry: dict[str, Any]) -> Prep
     )
 
 
-def _pack(cfg: PrepareConfig, out: Path, staging: Path, records: list[dict[str, Any]], old: dict | None,
-          num_classes: int) -> tuple[list[dict], dict[str, dict]]:
+def _pack(
+    cfg: PrepareConfig,
+    out: Path,
+    staging: Path,
+    records: list[dict[str, Any]],
+    old: dict | None,
+    num_classes: int,
+) -> tuple[list[dict], dict[str, dict]]:
     """Writes the new generation of shards from staged cases and the old shard set."""
     generation = uuid.uuid4().hex[:12]  # unique per run, so a new set never overwrites the old one
     old_reader = ShardReader(out, manifest=old) if old is not None else None
@@ -249,16 +288,27 @@ def _pack(cfg: PrepareConfig, out: Path, staging: Path, records: list[dict[str, 
 def _staging_manifest(rec: dict[str, Any]) -> dict[str, Any]:
     """A one-case manifest so that a staging file is read through the same reader as shards."""
     entry = rec["entry"]
-    return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "classes": [], "channels": [],
-            "layout": {}, "split": {"train": [rec["case_id"]], "val": []}, "cases": {rec["case_id"]: entry},
-            "shards": [{"file": entry["shard"], "cases": [rec["case_id"]]}]}
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "classes": [],
+        "channels": [],
+        "layout": {},
+        "split": {"train": [rec["case_id"]], "val": []},
+        "cases": {rec["case_id"]: entry},
+        "shards": [{"file": entry["shard"], "cases": [rec["case_id"]]}],
+    }
 
 
 def _up_to_date(old: dict | None, records: list[dict], split: dict, cfg: PrepareConfig, s_hash: str) -> bool:
     if old is None or cfg.force or any(r["origin"] != "shards" for r in records):
         return False
-    return (old["split"] == split and set(old["cases"]) == {r["case_id"] for r in records}
-            and old["storage"] == _storage(cfg.storage) and old["preprocessing"]["settings_hash"] == s_hash)
+    return (
+        old["split"] == split
+        and set(old["cases"]) == {r["case_id"] for r in records}
+        and old["storage"] == _storage(cfg.storage)
+        and old["preprocessing"]["settings_hash"] == s_hash
+    )
 
 
 def _storage(shards: ShardConfig) -> dict[str, Any]:
@@ -279,11 +329,15 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     source = build_source(cfg.data)
     refs = source.cases()
     if not refs:
-        raise DataError(f"the {cfg.data.name} source listed no case; expected at least one. "
-                        "Fix: check data.root and the file patterns.")
+        raise DataError(
+            f"the {cfg.data.name} source listed no case; expected at least one. "
+            "Fix: check data.root and the file patterns."
+        )
     s_hash = settings_hash(cfg.data.preprocessing_settings())
     old = _old_manifest(out)
-    reusable = {} if cfg.force else _reusable_cases(out, old, s_hash, _storage(cfg.storage), layout_of(cfg.data))
+    reusable = (
+        {} if cfg.force else _reusable_cases(out, old, s_hash, _storage(cfg.storage), layout_of(cfg.data))
+    )
     t0 = time.monotonic()
     records = _run_workers(cfg, source, refs, staging, s_hash, reusable)
     split = _split(refs, cfg.data)
@@ -292,8 +346,12 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         log.info("%s is up to date (%d cases unchanged); nothing to do", manifest_path, len(records))
         return manifest_path
     num_new = sum(r["origin"] == "new" for r in records)
-    log.info("staged %d case(s) (%d preprocessed now) in %.1f s; packing shards", len(records), num_new,
-             time.monotonic() - t0)
+    log.info(
+        "staged %d case(s) (%d preprocessed now) in %.1f s; packing shards",
+        len(records),
+        num_new,
+        time.monotonic() - t0,
+    )
     shards, cases = _pack(cfg, out, staging, records, old, len(source.info.class_names))
     for cid in split["train"]:
         cases[cid]["split"] = "train"
@@ -301,12 +359,20 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         cases[cid]["split"] = "val"
     info = source.info
     manifest = {
-        "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "dataset": cfg.data.dataset_name or info.name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"), "r2d2_version": r2d2_hpc.__version__,
-        "classes": list(info.class_names), "channels": list(info.channel_names), "modality": info.modality,
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "dataset": cfg.data.dataset_name or info.name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "r2d2_version": r2d2_hpc.__version__,
+        "classes": list(info.class_names),
+        "channels": list(info.channel_names),
+        "modality": info.modality,
         "layout": layout_of(cfg.data),
         "preprocessing": cfg.data.preprocessing_settings() | {"settings_hash": s_hash},
-        "storage": _storage(cfg.storage), "split": split, "shards": shards, "cases": cases,
+        "storage": _storage(cfg.storage),
+        "split": split,
+        "shards": shards,
+        "cases": cases,
     }
     write_manifest(out, manifest)
     _remove_stale(out, {s["file"] for s in shards})
@@ -315,6 +381,12 @@ def run_prepare(cfg: PrepareConfig) -> Path:
             path.unlink()
         staging.rmdir()
     total_mib = sum(s["bytes"] for s in shards) / 2**20
-    log.info("wrote %d case(s) into %d shard(s) (%.1f MiB) and %s in %.1f s", len(cases), len(shards), total_mib,
-             manifest_path, time.monotonic() - t0)
+    log.info(
+        "wrote %d case(s) into %d shard(s) (%.1f MiB) and %s in %.1f s",
+        len(cases),
+        len(shards),
+        total_mib,
+        manifest_path,
+        time.monotonic() - t0,
+    )
     return manifest_path

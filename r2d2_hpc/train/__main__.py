@@ -23,8 +23,11 @@ log = logging.getLogger("r2d2_hpc.train")
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -49,9 +52,11 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", exc)
         sys.exit(1)
     if env.is_main:
-        print(f"{result['status']}: {run_cfg.run_dir}/result.json "
-              f"(throughput {result['throughput_samples_per_s'] or 0:.1f} samples/s, "
-              f"Dice {[round(d, 4) for d in result['dice_per_class']]})")
+        print(
+            f"{result['status']}: {run_cfg.run_dir}/result.json "
+            f"(throughput {result['throughput_samples_per_s'] or 0:.1f} samples/s, "
+            f"Dice {[round(d, 4) for d in result['dice_per_class']]})"
+        )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,18 @@ def build_datasets(cfg: RunConfig, env: DistEnv, required_multiple: int) -> tupl
         return train, val
     patch = [int(p) for p in cfg.data.patch_size]
     if any(p % required_multiple for p in patch):
-        raise ConfigError(f"data.patch_size={patch} is not divisible by the model's stride {required_multiple}; "
-                          f"set every edge to a multiple of {required_multiple}")
-    train = PatchDataset(shard_dir, "train", patch, foreground_fraction=cfg.data.foreground_fraction,
-                         augment=augment, seed=seed, rank=env.rank)
+        raise ConfigError(
+            f"data.patch_size={patch} is not divisible by the model's stride {required_multiple}; "
+            f"set every edge to a multiple of {required_multiple}"
+        )
+    train = PatchDataset(
+        shard_dir,
+        "train",
+        patch,
+        foreground_fraction=cfg.data.foreground_fraction,
+        augment=augment,
+        seed=seed,
+        rank=env.rank,
+    )
     val = PatchDataset(shard_dir, "val", patch, augment=None, seed=seed, rank=0, deterministic=True)
     return train, val

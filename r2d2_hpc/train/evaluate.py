@@ -15,13 +15,25 @@ from r2d2_hpc.train.metrics import all_reduce_counts, confusion_counts, dice_fro
 from r2d2_hpc.train.sampler import ShardedEvalSampler
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, env: DistEnv, device: torch.device, batch_size: int,
-             amp_dtype: torch.dtype | None, num_workers: int = 0) -> list[float]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    env: DistEnv,
+    device: torch.device,
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+    num_workers: int = 0,
+) -> list[float]:
     """Per-class Dice of ``model`` over the whole ``dataset``, identical on every rank."""
     sampler = ShardedEvalSampler(len(dataset), env.world_size, env.rank)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=device.type == "cuda",
-                        generator=torch.Generator())  # leaves the global RNG alone (exact resume)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )  # leaves the global RNG alone (exact resume)
     num_classes = dataset.num_classes
     counts = torch.zeros(num_classes, 3, dtype=torch.int64)
     was_training = model.training

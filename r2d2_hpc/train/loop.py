@@ -32,14 +32,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from r2d2_hpc.config import RunConfig
+from r2d2_hpc.data.manifest import read_manifest
 from r2d2_hpc.train import checkpoint as ckpt
 from r2d2_hpc.train.data import build_datasets
-from r2d2_hpc.train.dist import DistEnv, Heartbeat, describe_failure, destroy_process_group, init_process_group
+from r2d2_hpc.train.dist import (
+    DistEnv,
+    Heartbeat,
+    describe_failure,
+    destroy_process_group,
+    init_process_group,
+)
 from r2d2_hpc.train.evaluate import evaluate
 from r2d2_hpc.train.losses import DiceCELoss, deep_supervision_loss
 from r2d2_hpc.train.sampler import ResumableDistributedSampler, position, steps_per_epoch
 from r2d2_hpc.train.schedule import build_optimizer, build_scheduler, scaled_lr
-from r2d2_hpc.data.manifest import read_manifest
 from r2d2_hpc.train.setup import build_model_for, configure_process, model_info, run_config_hash, seed_rank
 from r2d2_hpc.train.timing import StepTimer, TimingLog, run_header
 
@@ -76,7 +82,9 @@ def train(cfg: RunConfig, env: DistEnv, stop: StopFlag | None = None) -> dict[st
 
 def _looks_distributed(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
-    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "distbackend"))
+    return any(
+        k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "distbackend")
+    )
 
 
 class _Trainer:
@@ -98,24 +106,44 @@ class _Trainer:
         if self.tc.channels_last:
             fmt = torch.channels_last if self.model_info["spatial_dims"] == 2 else torch.channels_last_3d
             self.model = self.model.to(memory_format=fmt)
-        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       bucket_cap_mb=self.tc.ddp_bucket_mib, static_graph=self.tc.static_graph)
+        self.ddp = DDP(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            bucket_cap_mb=self.tc.ddp_bucket_mib,
+            static_graph=self.tc.static_graph,
+        )
         self.forward = torch.compile(self.ddp) if self.tc.compile else self.ddp
-        self.lr_peak = scaled_lr(self.tc.lr, self.tc.lr_scaling, self.global_batch, self.tc.lr_reference_batch)
+        self.lr_peak = scaled_lr(
+            self.tc.lr, self.tc.lr_scaling, self.global_batch, self.tc.lr_reference_batch
+        )
         self.optimizer = build_optimizer(self.model.parameters(), self.tc, self.lr_peak)
-        self.scheduler = build_scheduler(self.optimizer, self.tc.schedule, self.tc.max_steps, self.tc.warmup_steps,
-                                         self.tc.poly_power, self.tc.min_lr_ratio)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            self.tc.schedule,
+            self.tc.max_steps,
+            self.tc.warmup_steps,
+            self.tc.poly_power,
+            self.tc.min_lr_ratio,
+        )
         self.amp_dtype = _amp_dtype(self.tc.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.loss_fn = DiceCELoss(self.train_ds.num_classes, self.tc.dice_weight, self.tc.ce_weight)
         self.sampler = ResumableDistributedSampler(len(self.train_ds), env.world_size, env.rank, self.tc.seed)
-        self.steps_per_epoch = steps_per_epoch(len(self.train_ds), env.world_size, self.micro * self.tc.grad_accum)
-        self.loader = DataLoader(self.train_ds, batch_size=self.micro, sampler=self.sampler,
-                                 num_workers=self.tc.num_workers, pin_memory=self.device.type == "cuda",
-                                 drop_last=True, persistent_workers=False,
-                                 # its own generator: creating an iterator must not draw from the global RNG,
-                                 # or a resumed run's dropout stream would differ from the uninterrupted one
-                                 generator=torch.Generator().manual_seed(self.tc.seed))
+        self.steps_per_epoch = steps_per_epoch(
+            len(self.train_ds), env.world_size, self.micro * self.tc.grad_accum
+        )
+        self.loader = DataLoader(
+            self.train_ds,
+            batch_size=self.micro,
+            sampler=self.sampler,
+            num_workers=self.tc.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+            # its own generator: creating an iterator must not draw from the global RNG,
+            # or a resumed run's dropout stream would differ from the uninterrupted one
+            generator=torch.Generator().manual_seed(self.tc.seed),
+        )
         self.config_hash = run_config_hash(cfg)
         self.step = 0
         self.t_start = time.monotonic()
@@ -127,8 +155,11 @@ class _Trainer:
         resumed_from = self._resume()
         if self.env.is_main:
             self._write_config()
-        self.timing = TimingLog(self.run_dir / "timing" / f"rank{self.env.rank}.jsonl", self._header(resumed_from),
-                                append=resumed_from is not None)
+        self.timing = TimingLog(
+            self.run_dir / "timing" / f"rank{self.env.rank}.jsonl",
+            self._header(resumed_from),
+            append=resumed_from is not None,
+        )
         status = "completed"
         try:
             status = self._loop()
@@ -149,13 +180,17 @@ class _Trainer:
             self.sampler.set_start(offset)
             self.train_ds.set_epoch(epoch)
             batches = iter(self.loader)
-            steps_left = min(self.steps_per_epoch - offset // (self.micro * self.tc.grad_accum),
-                             self.tc.max_steps - self.step)
+            steps_left = min(
+                self.steps_per_epoch - offset // (self.micro * self.tc.grad_accum),
+                self.tc.max_steps - self.step,
+            )
             for _ in range(steps_left):
                 loss, lr = self._train_step(batches, timer)
                 self.step += 1
                 data_wait_s, compute_s, step_s = timer.lap()
-                self.timing.step(self.step, epoch, data_wait_s, compute_s, step_s, self.global_batch, loss, lr)
+                self.timing.step(
+                    self.step, epoch, data_wait_s, compute_s, step_s, self.global_batch, loss, lr
+                )
                 bar.update(self.step, loss, lr)
                 if self.heartbeat is not None:
                     self.heartbeat.beat(self.step)
@@ -182,10 +217,16 @@ class _Trainer:
                 image = image.contiguous(memory_format=_channels_last(image))
             last = micro == self.tc.grad_accum - 1
             sync = contextlib.nullcontext() if last else self.ddp.no_sync()
-            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            with (
+                sync,
+                torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
+            ):
                 out = self.forward(image)
-                loss = (deep_supervision_loss(self.loss_fn, out, label) if isinstance(out, list | tuple)
-                        else self.loss_fn(out, label)) / self.tc.grad_accum
+                loss = (
+                    deep_supervision_loss(self.loss_fn, out, label)
+                    if isinstance(out, list | tuple)
+                    else self.loss_fn(out, label)
+                ) / self.tc.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
             if not last:
@@ -207,8 +248,11 @@ class _Trainer:
     def _periodic(self) -> None:
         if self.tc.eval_every_steps and self.step % self.tc.eval_every_steps == 0:
             self._evaluate()
-        if (self.tc.checkpoint_every_steps and self.step % self.tc.checkpoint_every_steps == 0
-                and self.step < self.tc.max_steps):
+        if (
+            self.tc.checkpoint_every_steps
+            and self.step % self.tc.checkpoint_every_steps == 0
+            and self.step < self.tc.max_steps
+        ):
             self._checkpoint()
 
     def _stop_requested(self) -> bool:
@@ -220,20 +264,36 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------- evaluation
     def _evaluate(self) -> None:
-        dice = evaluate(self.model, self.val_ds, self.env, self.device, self.tc.eval_batch, self.amp_dtype,
-                        self.tc.num_workers)
+        dice = evaluate(
+            self.model,
+            self.val_ds,
+            self.env,
+            self.device,
+            self.tc.eval_batch,
+            self.amp_dtype,
+            self.tc.num_workers,
+        )
         self.last_dice = dice
         self.evaluated_at = self.step
         wall_s = time.monotonic() - self.t_start
         epoch, _ = position(self.step, self.steps_per_epoch, self.micro * self.tc.grad_accum)
         self.timing.evaluation(self.step, epoch, dice, wall_s)
         if self.env.is_main:
-            line = {"step": self.step, "epoch": epoch, "dice_per_class": dice, "wall_s": round(wall_s, 3),
-                    "mean_foreground_dice": _mean_fg(dice)}
+            line = {
+                "step": self.step,
+                "epoch": epoch,
+                "dice_per_class": dice,
+                "wall_s": round(wall_s, 3),
+                "mean_foreground_dice": _mean_fg(dice),
+            }
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
-            log.info("step %d: validation Dice %s (mean foreground %.4f)", self.step,
-                     [round(d, 4) for d in dice], _mean_fg(dice))
+            log.info(
+                "step %d: validation Dice %s (mean foreground %.4f)",
+                self.step,
+                [round(d, 4) for d in dice],
+                _mean_fg(dice),
+            )
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
@@ -244,11 +304,19 @@ class _Trainer:
             return
         epoch, offset = position(self.step, self.steps_per_epoch, self.micro * self.tc.grad_accum)
         state = {
-            "format": ckpt.FORMAT, "format_version": ckpt.VERSION, "step": self.step, "epoch": epoch,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-            "sampler": {"epoch": epoch, "offset": offset, "seed": self.tc.seed}, "rng": rng,
-            "config_hash": self.config_hash, "model_info": self.model_info, "world_size": self.env.world_size,
+            "format": ckpt.FORMAT,
+            "format_version": ckpt.VERSION,
+            "step": self.step,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "sampler": {"epoch": epoch, "offset": offset, "seed": self.tc.seed},
+            "rng": rng,
+            "config_hash": self.config_hash,
+            "model_info": self.model_info,
+            "world_size": self.env.world_size,
             "extra": {"last_dice": self.last_dice, "config": _plain_config(self.cfg)},
         }
         ckpt.save_checkpoint(self.run_dir / "checkpoints", state)
@@ -272,21 +340,42 @@ class _Trainer:
         if state.get("world_size") == self.env.world_size and state.get("rng"):
             ckpt.restore_rng_state(state["rng"][self.env.rank])
         else:
-            log.warning("%s was written with %s ranks, this run has %d: data order and RNG streams restart",
-                        path, state.get("world_size"), self.env.world_size)
+            log.warning(
+                "%s was written with %s ranks, this run has %d: data order and RNG streams restart",
+                path,
+                state.get("world_size"),
+                self.env.world_size,
+            )
         log.info("rank %d resumed from %s at step %d", self.env.rank, path, self.step)
         return path
 
     # ----------------------------------------------------------------------------------------- output
     def _header(self, resumed_from: Path | None) -> dict[str, Any]:
-        extra = {"resumed_at_step": self.step if resumed_from else None, "max_steps": self.tc.max_steps,
-                 "micro_batch": self.micro, "grad_accum": self.tc.grad_accum, "lr_peak": self.lr_peak,
-                 "spatial_dims": self.model_info["spatial_dims"], "num_params": self.model_info["num_params"],
-                 "flops_per_sample": self.model_info["flops_per_sample"],
-                 "grad_bytes": self.model_info["num_params"] * 4, "dataset": self.model_info["dataset"],
-                 "train_samples": len(self.train_ds), "val_samples": len(self.val_ds)}
-        return run_header(self.env, self.run_dir.name, self.model_info["name"], self.micro * self.tc.grad_accum,
-                          self.global_batch, self.tc.scaling, self.tc.lr_scaling, self.tc.amp, extra)
+        extra = {
+            "resumed_at_step": self.step if resumed_from else None,
+            "max_steps": self.tc.max_steps,
+            "micro_batch": self.micro,
+            "grad_accum": self.tc.grad_accum,
+            "lr_peak": self.lr_peak,
+            "spatial_dims": self.model_info["spatial_dims"],
+            "num_params": self.model_info["num_params"],
+            "flops_per_sample": self.model_info["flops_per_sample"],
+            "grad_bytes": self.model_info["num_params"] * 4,
+            "dataset": self.model_info["dataset"],
+            "train_samples": len(self.train_ds),
+            "val_samples": len(self.val_ds),
+        }
+        return run_header(
+            self.env,
+            self.run_dir.name,
+            self.model_info["name"],
+            self.micro * self.tc.grad_accum,
+            self.global_batch,
+            self.tc.scaling,
+            self.tc.lr_scaling,
+            self.tc.amp,
+            extra,
+        )
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -300,16 +389,26 @@ class _Trainer:
         step_s = sum(ln["step_s"] for ln in timings)
         samples = sum(ln["samples"] for ln in timings)
         result = {
-            "status": status, "run_id": self.run_dir.name, "model": self.model_info["name"],
-            "world_size": self.env.world_size, "num_nodes": self.env.num_nodes, "scaling": self.tc.scaling,
-            "global_batch": self.global_batch, "steps": self.step, "max_steps": self.tc.max_steps,
+            "status": status,
+            "run_id": self.run_dir.name,
+            "model": self.model_info["name"],
+            "world_size": self.env.world_size,
+            "num_nodes": self.env.num_nodes,
+            "scaling": self.tc.scaling,
+            "global_batch": self.global_batch,
+            "steps": self.step,
+            "max_steps": self.tc.max_steps,
             "throughput_samples_per_s": samples / step_s if step_s > 0 else None,
             "timing_warmup_steps": self.tc.timing_warmup_steps,
             "data_wait_share": (sum(ln["data_wait_s"] for ln in timings) / step_s) if step_s > 0 else None,
-            "dice_per_class": self.last_dice, "mean_foreground_dice": _mean_fg(self.last_dice),
-            "class_names": self.train_ds.class_names, "peak_memory_gib": _peak_memory_gib(self.device),
-            "wall_s": time.monotonic() - self.t_start, "num_params": self.model_info["num_params"],
-            "flops_per_sample": self.model_info["flops_per_sample"], "device": self.env.device,
+            "dice_per_class": self.last_dice,
+            "mean_foreground_dice": _mean_fg(self.last_dice),
+            "class_names": self.train_ds.class_names,
+            "peak_memory_gib": _peak_memory_gib(self.device),
+            "wall_s": time.monotonic() - self.t_start,
+            "num_params": self.model_info["num_params"],
+            "flops_per_sample": self.model_info["flops_per_sample"],
+            "device": self.env.device,
             "backend": self.env.backend,
         }
         if self.env.is_main:

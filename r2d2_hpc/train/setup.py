@@ -18,8 +18,20 @@ from r2d2_hpc.train.dist import DistEnv
 
 # Settings that make a checkpoint belong to a run. max_steps is left out on purpose: extending a finished run
 # with a larger train.max_steps is a legitimate resume.
-_HASHED_TRAIN_KEYS = ("scaling", "global_batch", "batch_per_rank", "grad_accum", "optimizer", "lr", "lr_scaling",
-                      "lr_reference_batch", "schedule", "warmup_steps", "seed", "amp")
+_HASHED_TRAIN_KEYS = (
+    "scaling",
+    "global_batch",
+    "batch_per_rank",
+    "grad_accum",
+    "optimizer",
+    "lr",
+    "lr_scaling",
+    "lr_reference_batch",
+    "schedule",
+    "warmup_steps",
+    "seed",
+    "amp",
+)
 
 
 def configure_process(tc: TrainConfig, env: DistEnv) -> None:
@@ -50,13 +62,18 @@ def seed_rank(seed: int, rank: int) -> None:
 def build_model_for(cfg: RunConfig, manifest: dict[str, Any]) -> torch.nn.Module:
     """Builds the configured model for the channels and classes of the shard set."""
     options = {k: v for k, v in cfg.model.items() if k not in ("name", "spatial_dims")}
-    return build_model(cfg.model["name"], in_channels=len(manifest["channels"]),
-                       num_classes=len(manifest["classes"]), spatial_dims=int(cfg.model.get("spatial_dims", 2)),
-                       **options)
+    return build_model(
+        cfg.model["name"],
+        in_channels=len(manifest["channels"]),
+        num_classes=len(manifest["classes"]),
+        spatial_dims=int(cfg.model.get("spatial_dims", 2)),
+        **options,
+    )
 
 
-def model_info(cfg: RunConfig, manifest: dict[str, Any], model: torch.nn.Module,
-               sample_shape: tuple[int, ...]) -> dict[str, Any]:
+def model_info(
+    cfg: RunConfig, manifest: dict[str, Any], model: torch.nn.Module, sample_shape: tuple[int, ...]
+) -> dict[str, Any]:
     """What a checkpoint must carry to rebuild the model and its preprocessing elsewhere (predict)."""
     return {
         "name": cfg.model["name"],
@@ -80,6 +97,9 @@ def model_info(cfg: RunConfig, manifest: dict[str, Any], model: torch.nn.Module,
 def run_config_hash(cfg: RunConfig) -> str:
     """Hash of the settings a checkpoint must share with the run that resumes it."""
     train = asdict(cfg.train)
-    parts = {"model": cfg.model, "shards": cfg.data.shard_dir(),
-             "train": {k: train[k] for k in _HASHED_TRAIN_KEYS}}
+    parts = {
+        "model": cfg.model,
+        "shards": cfg.data.shard_dir(),
+        "train": {k: train[k] for k in _HASHED_TRAIN_KEYS},
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -125,9 +125,16 @@ def test_lps_volume_keeps_world_coordinates(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "src" / "images" / "lps.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), tmp_path / "src" / "labels" / "lps.nii.gz")
     cfg = PrepareConfig(
-        data=DataConfig(name="folders", root=str(tmp_path / "src"), class_names=["bg", "mark"],
-                        normalisation="none", val_fraction=0.0),
-        out=str(tmp_path / "shards"), num_workers=0, progress=False,
+        data=DataConfig(
+            name="folders",
+            root=str(tmp_path / "src"),
+            class_names=["bg", "mark"],
+            normalisation="none",
+            val_fraction=0.0,
+        ),
+        out=str(tmp_path / "shards"),
+        num_workers=0,
+        progress=False,
     )
     run_prepare(cfg)
     manifest = read_manifest(tmp_path / "shards")
@@ -141,8 +148,17 @@ def test_lps_volume_keeps_world_coordinates(tmp_path: Path) -> None:
 
 
 def _prepare_cmd(root: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "r2d2_hpc.prepare", "data=msd", f"data.root={root}", f"out={out}",
-            "num_workers=1", "storage.compression=gzip", "storage.target_shard_mib=0.05"]
+    return [
+        sys.executable,
+        "-m",
+        "r2d2_hpc.prepare",
+        "data=msd",
+        f"data.root={root}",
+        f"out={out}",
+        "num_workers=1",
+        "storage.compression=gzip",
+        "storage.target_shard_mib=0.05",
+    ]
 
 
 @pytest.mark.slow
@@ -150,13 +166,21 @@ def test_kill_9_at_any_moment_never_leaves_a_set_that_looks_complete(phantoms: P
     out = tmp_path / "shards"
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     for delay_s in (0.5, 1.5, 2.5, 3.5):
-        proc = subprocess.Popen(_prepare_cmd(phantoms, out), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            _prepare_cmd(phantoms, out),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         time.sleep(delay_s)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if (out / "manifest.json").exists():
-            assert verify(out) == [], f"after kill -9 at {delay_s} s the manifest must describe a complete set"
+            assert verify(out) == [], (
+                f"after kill -9 at {delay_s} s the manifest must describe a complete set"
+            )
     done = subprocess.run(_prepare_cmd(phantoms, out), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert verify(out) == []

@@ -29,9 +29,15 @@ FCN = ["model=fcn", "model.convs_per_stage=[1,1,1]", "model.base_width=4", "mode
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("ddp")
-    write_phantom_dataset(base / "raw", num_cases=4, num_channels=2, num_classes=3, shape=(32, 32, 15), seed=1)
-    cfg = PrepareConfig(data=DataConfig(name="msd", root=str(base / "raw"), val_cases=["phantom_003"]),
-                        out=str(base / "shards"), num_workers=0, progress=False)
+    write_phantom_dataset(
+        base / "raw", num_cases=4, num_channels=2, num_classes=3, shape=(32, 32, 15), seed=1
+    )
+    cfg = PrepareConfig(
+        data=DataConfig(name="msd", root=str(base / "raw"), val_cases=["phantom_003"]),
+        out=str(base / "shards"),
+        num_workers=0,
+        progress=False,
+    )
     run_prepare(cfg)
     return base / "shards"
 
@@ -47,14 +53,38 @@ def _launch(shards: Path, run_dir: Path, world: int, overrides: list[str]) -> li
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = os.environ | {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                            "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "r2d2_hpc.train", f"data.shards={shards}", f"run_dir={run_dir}",
-               "train.num_workers=0", "train.threads_per_rank=1", "train.deterministic=true",
-               "train.timing_warmup_steps=1", *overrides]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
+        env = os.environ | {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "r2d2_hpc.train",
+            f"data.shards={shards}",
+            f"run_dir={run_dir}",
+            "train.num_workers=0",
+            "train.threads_per_rank=1",
+            "train.deterministic=true",
+            "train.timing_warmup_steps=1",
+            *overrides,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     return procs
 
 
@@ -70,14 +100,18 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _end_lines(run_dir: Path, world: int) -> list[dict]:
-    return [next(ln for ln in reversed(read_jsonl(run_dir / "timing" / f"rank{r}.jsonl")) if ln["type"] == "end")
-            for r in range(world)]
+    return [
+        next(ln for ln in reversed(read_jsonl(run_dir / "timing" / f"rank{r}.jsonl")) if ln["type"] == "end")
+        for r in range(world)
+    ]
 
 
 @pytest.mark.parametrize("model", [UNET, FCN], ids=["unet", "fcn"])
 def test_two_ranks_end_with_identical_weights(shards: Path, tmp_path: Path, model: list[str]) -> None:
     run_dir = tmp_path / "run"
-    _run(shards, run_dir, 2, [*model, "train.max_steps=4", "train.global_batch=4", "train.eval_every_steps=2"])
+    _run(
+        shards, run_dir, 2, [*model, "train.max_steps=4", "train.global_batch=4", "train.eval_every_steps=2"]
+    )
     ends = _end_lines(run_dir, 2)
     assert ends[0]["weights_sha256"] == ends[1]["weights_sha256"]
     assert ends[0]["step"] == ends[1]["step"] == 4
@@ -93,8 +127,15 @@ def test_two_ranks_end_with_identical_weights(shards: Path, tmp_path: Path, mode
 
 def test_two_ranks_take_the_same_step_as_one_rank_with_twice_the_batch(shards: Path, tmp_path: Path) -> None:
     """Cross-entropy only (batch Dice is per rank), no augmentation, no batch norm: DDP == big batch."""
-    common = [*UNET, "train.max_steps=1", "train.global_batch=4", "train.augment=false", "train.dice_weight=0",
-              "train.eval_every_steps=0", "train.lr=0.1"]
+    common = [
+        *UNET,
+        "train.max_steps=1",
+        "train.global_batch=4",
+        "train.augment=false",
+        "train.dice_weight=0",
+        "train.eval_every_steps=0",
+        "train.lr=0.1",
+    ]
     _run(shards, tmp_path / "one", 1, common)
     _run(shards, tmp_path / "two", 2, common)
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -107,8 +148,14 @@ def test_two_ranks_take_the_same_step_as_one_rank_with_twice_the_batch(shards: P
 
 def test_resume_after_sigkill_is_exact(shards: Path, tmp_path: Path) -> None:
     n = 3
-    common = [*UNET, "model.dropout_p=0.2", f"train.max_steps={2 * n}", "train.global_batch=4",
-              f"train.checkpoint_every_steps={n}", "train.eval_every_steps=1"]
+    common = [
+        *UNET,
+        "model.dropout_p=0.2",
+        f"train.max_steps={2 * n}",
+        "train.global_batch=4",
+        f"train.checkpoint_every_steps={n}",
+        "train.eval_every_steps=1",
+    ]
     _run(shards, tmp_path / "straight", 2, common)
 
     killed = tmp_path / "killed"
@@ -136,8 +183,11 @@ def test_resume_after_sigkill_is_exact(shards: Path, tmp_path: Path) -> None:
 
 def _losses(run_dir: Path, rank: int) -> dict[int, float]:
     """Loss per step; a resumed log may repeat steps done after the last checkpoint: the last one counts."""
-    return {ln["step"]: ln["loss"] for ln in read_jsonl(run_dir / "timing" / f"rank{rank}.jsonl")
-            if ln["type"] == "step"}
+    return {
+        ln["step"]: ln["loss"]
+        for ln in read_jsonl(run_dir / "timing" / f"rank{rank}.jsonl")
+        if ln["type"] == "step"
+    }
 
 
 def test_dice_does_not_depend_on_the_number_of_ranks(shards: Path, tmp_path: Path) -> None:
@@ -146,12 +196,18 @@ def test_dice_does_not_depend_on_the_number_of_ranks(shards: Path, tmp_path: Pat
     dice = {}
     for world in (1, 2):
         run_dir = tmp_path / f"eval{world}"
-        _run(shards, run_dir, world, [*UNET, "train.max_steps=3", "train.global_batch=4", f"resume={ckpt}",
-                                      "train.eval_batch=1"])
+        _run(
+            shards,
+            run_dir,
+            world,
+            [*UNET, "train.max_steps=3", "train.global_batch=4", f"resume={ckpt}", "train.eval_batch=1"],
+        )
         result = json.loads((run_dir / "result.json").read_text())
         assert result["steps"] == 3
         dice[world] = result["dice_per_class"]
-    num_val = json.loads((tmp_path / "eval1" / "timing" / "rank0.jsonl").read_text().splitlines()[0])["val_samples"]
+    num_val = json.loads((tmp_path / "eval1" / "timing" / "rank0.jsonl").read_text().splitlines()[0])[
+        "val_samples"
+    ]
     assert num_val % 2 == 1, "an odd number of validation samples makes the 2-rank split uneven"
     assert dice[1] == dice[2]
     assert all(0.0 <= d <= 1.0 for d in dice[1])
@@ -159,8 +215,18 @@ def test_dice_does_not_depend_on_the_number_of_ranks(shards: Path, tmp_path: Pat
 
 def test_a_dead_rank_makes_the_other_fail_naming_it(shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "dead"
-    procs = _launch(shards, run_dir, 2, [*UNET, "train.max_steps=100000", "train.global_batch=4",
-                                         "train.eval_every_steps=0", "train.dist_timeout_s=30"])
+    procs = _launch(
+        shards,
+        run_dir,
+        2,
+        [
+            *UNET,
+            "train.max_steps=100000",
+            "train.global_batch=4",
+            "train.eval_every_steps=0",
+            "train.dist_timeout_s=30",
+        ],
+    )
     deadline = time.monotonic() + 120
     log1 = run_dir / "timing" / "rank1.jsonl"
     while not (log1.exists() and len(read_jsonl(log1)) > 3):
