@@ -239,3 +239,35 @@ def test_a_dead_rank_makes_the_other_fail_naming_it(shards: Path, tmp_path: Path
     assert procs[0].returncode != 0
     assert time.monotonic() - t0 < 60, "the surviving rank must fail within the process-group timeout"
     assert "rank 1" in err, err[-2000:]
+
+
+def test_torchrun_with_dataloader_workers(shards: Path, tmp_path: Path) -> None:
+    """The documented interface: torchrun starts the ranks; two DataLoader workers per rank."""
+    run_dir = tmp_path / "torchrun"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "r2d2_hpc.train",
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        *UNET,
+        "train.max_steps=3",
+        "train.global_batch=4",
+        "train.num_workers=2",
+        "train.threads_per_rank=1",
+    ]
+    done = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["world_size"] == 2 and result["steps"] == 3 and result["backend"] == "gloo"
+    ends = _end_lines(run_dir, 2)
+    assert ends[0]["weights_sha256"] == ends[1]["weights_sha256"]
+    header = read_jsonl(run_dir / "timing" / "rank1.jsonl")[0]
+    assert header["rank"] == 1 and header["world_size"] == 2 and header["scaling"] == "strong"
