@@ -271,3 +271,38 @@ def test_torchrun_with_dataloader_workers(shards: Path, tmp_path: Path) -> None:
     assert ends[0]["weights_sha256"] == ends[1]["weights_sha256"]
     header = read_jsonl(run_dir / "timing" / "rank1.jsonl")[0]
     assert header["rank"] == 1 and header["world_size"] == 2 and header["scaling"] == "strong"
+
+
+def test_3d_unet_trains_on_patches_of_a_3d_layout(tmp_path: Path) -> None:
+    raw, shards = tmp_path / "raw", tmp_path / "shards3d"
+    write_phantom_dataset(raw, num_cases=3, num_channels=1, num_classes=3, shape=(24, 20, 16), seed=2)
+    cfg = PrepareConfig(
+        data=DataConfig(
+            name="msd", root=str(raw), layout="3d", patch_size=[16, 16, 16], val_cases=["phantom_002"]
+        ),
+        out=str(shards),
+        num_workers=0,
+        progress=False,
+    )
+    run_prepare(cfg)
+    run_dir = tmp_path / "run3d"
+    _run(
+        shards,
+        run_dir,
+        2,
+        [
+            "model=unet",
+            "model.spatial_dims=3",
+            "model.depth=2",
+            "model.base_width=4",
+            "data.patch_size=[16,16,16]",
+            "train.max_steps=2",
+            "train.global_batch=2",
+        ],
+    )
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 2 and len(result["dice_per_class"]) == 3
+    header = read_jsonl(run_dir / "timing" / "rank0.jsonl")[0]
+    assert header["spatial_dims"] == 3
+    # The validation grid covers the whole 24x20x16 case: 2x2x1 patches of 16^3.
+    assert header["val_samples"] == 4
