@@ -294,6 +294,74 @@ class RunConfig:
             raise ConfigError(f"model.spatial_dims={self.model.get('spatial_dims')} must be 2 or 3")
 
 
+LAUNCHERS = ("local", "slurm", "debug", "sbatch")
+
+
+@dataclass
+class LauncherConfig:
+    """Where the ranks of each run start (config group ``launcher/``)."""
+
+    name: str = "local"  # local: processes on this machine | slurm: submitit | sbatch: scripts | debug: in-process
+    partition: str | None = None  # Slurm partition (None: the cluster's default)
+    account: str | None = None  # Slurm account to charge
+    qos: str | None = None  # Slurm quality of service
+    time_min: int = 60  # time limit of each job, minutes
+    gpus_per_node: int = 0  # GPUs per node; one task (rank) per GPU. 0: CPU ranks
+    tasks_per_node: int | None = None  # ranks per node; None: gpus_per_node, or 1 on CPU nodes
+    cpus_per_task: int = 2  # CPUs per rank (DataLoader workers need some)
+    mem_gb: float | None = None  # memory per node in GB (None: the partition's default)
+    constraint: str | None = None  # Slurm --constraint (e.g. a GPU model)
+    exclusive: bool = False  # whole nodes only
+    signal_delay_s: int = 90  # seconds before the time limit at which Slurm sends the preemption signal
+    max_requeues: int = 3  # requeues after preemption or time-out before the run is reported failed
+    setup: list[str] = field(default_factory=list)  # shell lines run before each job (module load, conda activate)
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {mail-type: END}
+    submit: bool = False  # sbatch launcher: submit the rendered scripts (else print how)
+    python: str | None = None  # python on the compute nodes (None: the one running the launcher)
+
+    def __post_init__(self) -> None:
+        _check_choice("launcher.name", self.name, LAUNCHERS)
+        if self.time_min < 1 or self.gpus_per_node < 0 or self.cpus_per_task < 1 or self.max_requeues < 0:
+            raise ConfigError("launcher.time_min >= 1, gpus_per_node >= 0, cpus_per_task >= 1, max_requeues >= 0")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise ConfigError(f"launcher.tasks_per_node={self.tasks_per_node} must be at least 1")
+
+    def ranks_per_node(self) -> int:
+        """One rank per GPU, or ``tasks_per_node`` (default 1) on CPU nodes."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+@dataclass
+class StudyConfig:
+    """A scaling study: models x scales x repeats (config group ``study/``)."""
+
+    name: str = "demo"  # study name (used in the default directory)
+    models: list[str] | None = None  # model names (conf/model/<name>.yaml); None: the model group's choice
+    scales: list[int] = field(default_factory=lambda: [1, 2])  # nodes per run (local launcher: ranks per run)
+    repeats: int = 1  # runs per model and scale (spread in the report)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model name, e.g. {fcn: {base_width: 16}}
+    dir: str | None = None  # study directory; None: runs/<name>-<date>
+    attach: str | None = None  # re-attach to a submitted study directory: wait for it and collect it
+    wait: bool = True  # wait for the jobs and write the report (false: submit and return)
+    report: bool = True  # run the analysis when the study is complete
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(int(s) < 1 for s in self.scales) or self.repeats < 1:
+            raise ConfigError(f"study.scales={self.scales} must list positive node counts and study.repeats >= 1")
+
+
+@dataclass
+class LaunchConfig:
+    """``python -m r2d2_hpc.launch``: a study run through a launcher, then its report."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "spatial_dims": 2})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    prepare_if_missing: bool = True  # prepare data.shards from the data source first when it has no manifest
+
+
 def _plain(value: Any) -> Any:
     """Turns OmegaConf containers and tuples into plain JSON-able Python values."""
     try:
@@ -331,6 +399,10 @@ def to_dataclass(cls: type, cfg: Any) -> Any:
 
 
 _DATACLASS_FIELDS: dict[tuple[str, str], type] = {
+    ("LaunchConfig", "data"): DataConfig,
+    ("LaunchConfig", "train"): TrainConfig,
+    ("LaunchConfig", "launcher"): LauncherConfig,
+    ("LaunchConfig", "study"): StudyConfig,
     ("RunConfig", "data"): DataConfig,
     ("RunConfig", "train"): TrainConfig,
     ("PrepareConfig", "data"): DataConfig,
@@ -347,3 +419,6 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(group="train", name="schema", node=TrainConfig)
     cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="launcher", name="schema", node=LauncherConfig)
+    cs.store(group="study", name="schema", node=StudyConfig)
+    cs.store(name="launch_schema", node=LaunchConfig)
