@@ -73,8 +73,8 @@ class DataConfig:
     split_seed: int = 0  # seed of the train/validation split
     val_cases: list[str] | None = None  # explicit validation case ids; overrides val_fraction
     # --- mni_tissue: one real volume cut into slabs of slices that never touch ---
-    slab_thickness: int = 24  # slices per slab (case) along slab_axis
-    slab_gap: int = 8  # slices dropped between neighbouring slabs so train and val do not leak
+    slab_thickness: int = 12  # slices per slab (case) along slab_axis
+    slab_gap: int = 4  # slices dropped between neighbouring slabs so train and val do not leak
     slab_axis: int = 2  # axis along which the MNI volume is cut into slabs
     val_every: int = 3  # every n-th slab (counting from the second) is a validation case
     # --- synthetic phantoms (name=synthetic): written to root when it has no dataset.json yet ---
@@ -301,7 +301,9 @@ LAUNCHERS = ("local", "slurm", "debug", "sbatch")
 class LauncherConfig:
     """Where the ranks of each run start (config group ``launcher/``)."""
 
-    name: str = "local"  # local: processes on this machine | slurm: submitit | sbatch: scripts | debug: in-process
+    name: str = (
+        "local"  # local: processes on this machine | slurm: submitit | sbatch: scripts | debug: in-process
+    )
     partition: str | None = None  # Slurm partition (None: the cluster's default)
     account: str | None = None  # Slurm account to charge
     qos: str | None = None  # Slurm quality of service
@@ -314,15 +316,21 @@ class LauncherConfig:
     exclusive: bool = False  # whole nodes only
     signal_delay_s: int = 90  # seconds before the time limit at which Slurm sends the preemption signal
     max_requeues: int = 3  # requeues after preemption or time-out before the run is reported failed
-    setup: list[str] = field(default_factory=list)  # shell lines run before each job (module load, conda activate)
-    extra_sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {mail-type: END}
+    setup: list[str] = field(
+        default_factory=list
+    )  # shell lines run before each job (module load, conda activate)
+    extra_sbatch: dict[str, Any] = field(
+        default_factory=dict
+    )  # any other sbatch option, e.g. {mail-type: END}
     submit: bool = False  # sbatch launcher: submit the rendered scripts (else print how)
     python: str | None = None  # python on the compute nodes (None: the one running the launcher)
 
     def __post_init__(self) -> None:
         _check_choice("launcher.name", self.name, LAUNCHERS)
         if self.time_min < 1 or self.gpus_per_node < 0 or self.cpus_per_task < 1 or self.max_requeues < 0:
-            raise ConfigError("launcher.time_min >= 1, gpus_per_node >= 0, cpus_per_task >= 1, max_requeues >= 0")
+            raise ConfigError(
+                "launcher.time_min >= 1, gpus_per_node >= 0, cpus_per_task >= 1, max_requeues >= 0"
+            )
         if self.tasks_per_node is not None and self.tasks_per_node < 1:
             raise ConfigError(f"launcher.tasks_per_node={self.tasks_per_node} must be at least 1")
 
@@ -339,7 +347,9 @@ class StudyConfig:
     models: list[str] | None = None  # model names (conf/model/<name>.yaml); None: the model group's choice
     scales: list[int] = field(default_factory=lambda: [1, 2])  # nodes per run (local launcher: ranks per run)
     repeats: int = 1  # runs per model and scale (spread in the report)
-    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model name, e.g. {fcn: {base_width: 16}}
+    model_overrides: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # per model name, e.g. {fcn: {base_width: 16}}
     dir: str | None = None  # study directory; None: runs/<name>-<date>
     attach: str | None = None  # re-attach to a submitted study directory: wait for it and collect it
     wait: bool = True  # wait for the jobs and write the report (false: submit and return)
@@ -347,7 +357,9 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if not self.scales or any(int(s) < 1 for s in self.scales) or self.repeats < 1:
-            raise ConfigError(f"study.scales={self.scales} must list positive node counts and study.repeats >= 1")
+            raise ConfigError(
+                f"study.scales={self.scales} must list positive node counts and study.repeats >= 1"
+            )
 
 
 @dataclass

@@ -48,8 +48,11 @@ class TrainJob:
         if self.master_port is not None and "SLURM_JOB_ID" not in os.environ:
             os.environ["MASTER_PORT"] = str(self.master_port)
         env = dist_env_from_environ(backend=self.run_cfg.train.backend)
-        logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING, force=True,
-                            format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if env.rank == 0 else logging.WARNING,
+            force=True,
+            format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+        )
         stop = StopFlag()
         for sig in _preemption_signals():
             signal.signal(sig, lambda *_: stop.set())
@@ -69,8 +72,9 @@ class TrainJob:
         """submitit's fallback hook: resubmit unchanged; ``resume=auto`` picks up the last checkpoint."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(TrainJob(replace(self.run_cfg, resume="auto"),
-                                                            self.max_requeues, self.master_port))
+        return submitit.helpers.DelayedSubmission(
+            TrainJob(replace(self.run_cfg, resume="auto"), self.max_requeues, self.master_port)
+        )
 
     def _requeues_done(self) -> int:
         path = Path(self.run_cfg.run_dir) / REQUEUE_FILE
@@ -79,8 +83,12 @@ class TrainJob:
     def _may_requeue(self) -> bool:
         count = self._requeues_done()
         if count >= self.max_requeues:
-            log.error("preempted or timed out %d times (launcher.max_requeues=%d): not requeued again; the run "
-                      "can be resumed with resume=auto", count + 1, self.max_requeues)
+            log.error(
+                "preempted or timed out %d times (launcher.max_requeues=%d): not requeued again; the run "
+                "can be resumed with resume=auto",
+                count + 1,
+                self.max_requeues,
+            )
             return False
         return True
 

@@ -43,8 +43,10 @@ def ensure_data(lc: LaunchConfig) -> None:
     if (shard_dir / "manifest.json").is_file():
         return
     if not lc.prepare_if_missing:
-        raise LaunchError(f"{shard_dir} has no manifest.json; expected prepared shards. Fix: run "
-                          f"python -m r2d2_hpc.prepare data={lc.data.name} data.shards={shard_dir}")
+        raise LaunchError(
+            f"{shard_dir} has no manifest.json; expected prepared shards. Fix: run "
+            f"python -m r2d2_hpc.prepare data={lc.data.name} data.shards={shard_dir}"
+        )
     from r2d2_hpc.data.prepare import run_prepare
 
     log.info("preparing %s into %s (once)", lc.data.name, shard_dir)
@@ -62,8 +64,10 @@ def _local_executor(folder: Path, lc: LaunchConfig, world_size: int) -> Any:
 
     if lc.launcher.name == "debug":
         if world_size != 1:
-            raise LaunchError(f"launcher=debug runs in this process, so only 1 rank; study.scales asks for "
-                              f"{world_size}. Fix: launcher=local, or study.scales=[1]")
+            raise LaunchError(
+                f"launcher=debug runs in this process, so only 1 rank; study.scales asks for "
+                f"{world_size}. Fix: launcher=local, or study.scales=[1]"
+            )
         return submitit.DebugExecutor(folder=folder)
     executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(tasks_per_node=world_size, nodes=1, timeout_min=lc.launcher.time_min)
@@ -76,9 +80,14 @@ def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int) -> Any:
 
     lp = lc.launcher
     params: dict[str, Any] = {
-        "time": lp.time_min, "nodes": nodes, "ntasks_per_node": lp.ranks_per_node(),
-        "cpus_per_task": lp.cpus_per_task, "signal_delay_s": lp.signal_delay_s, "setup": list(lp.setup),
-        "additional_parameters": {"requeue": True, **lp.extra_sbatch}, "job_name": "r2d2",
+        "time": lp.time_min,
+        "nodes": nodes,
+        "ntasks_per_node": lp.ranks_per_node(),
+        "cpus_per_task": lp.cpus_per_task,
+        "signal_delay_s": lp.signal_delay_s,
+        "setup": list(lp.setup),
+        "additional_parameters": {"requeue": True, **lp.extra_sbatch},
+        "job_name": "r2d2",
     }
     if lp.gpus_per_node:
         params["gpus_per_node"] = lp.gpus_per_node
@@ -89,8 +98,9 @@ def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int) -> Any:
         params["mem"] = f"{int(lp.mem_gb)}GB"
     if lp.exclusive:
         params["exclusive"] = True
-    executor = submitit.SlurmExecutor(folder=folder, python=lp.python or sys.executable,
-                                      max_num_timeout=lp.max_requeues)
+    executor = submitit.SlurmExecutor(
+        folder=folder, python=lp.python or sys.executable, max_num_timeout=lp.max_requeues
+    )
     executor.update_parameters(**params)
     return executor
 
@@ -120,8 +130,9 @@ def submit_slurm(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> dic
     for nodes, runs in groups.items():
         executor = slurm_executor(study.dir / "jobs", lc, nodes)
         with executor.batch():
-            pending = [(run, executor.submit(TrainJob(configs[run.name], lc.launcher.max_requeues)))
-                       for run in runs]
+            pending = [
+                (run, executor.submit(TrainJob(configs[run.name], lc.launcher.max_requeues))) for run in runs
+            ]
         for run, job in pending:
             run.job_id, run.state = str(job.job_id), "SUBMITTED"
             jobs[run.name] = job
@@ -134,10 +145,15 @@ def reattach(study: Study) -> dict[str, Any]:
     import submitit
 
     if study.meta.get("launcher") != "slurm":
-        raise LaunchError(f"{study.dir}: a {study.meta.get('launcher')} study cannot be re-attached (its processes "
-                          "ended with the launcher). Fix: launch it again; finished runs are kept (resume=auto)")
-    return {r.name: submitit.SlurmJob(folder=study.dir / "jobs", job_id=r.job_id) for r in study.runs
-            if r.job_id and r.state not in ("COMPLETED", "FAILED", "CANCELLED")}
+        raise LaunchError(
+            f"{study.dir}: a {study.meta.get('launcher')} study cannot be re-attached (its processes "
+            "ended with the launcher). Fix: launch it again; finished runs are kept (resume=auto)"
+        )
+    return {
+        r.name: submitit.SlurmJob(folder=study.dir / "jobs", job_id=r.job_id)
+        for r in study.runs
+        if r.job_id and r.state not in ("COMPLETED", "FAILED", "CANCELLED")
+    }
 
 
 def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
@@ -165,8 +181,10 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
     else:
         jobs = submit_slurm(study, lc, configs)
         if not lc.study.wait:
-            print(f"submitted {len(jobs)} job(s); collect them later with: python -m r2d2_hpc.launch "
-                  f"study.attach={study.dir}")
+            print(
+                f"submitted {len(jobs)} job(s); collect them later with: python -m r2d2_hpc.launch "
+                f"study.attach={study.dir}"
+            )
             return study.dir
         wait_all(study, jobs)
         store_accounting(study)
@@ -202,7 +220,9 @@ def _explicit_model() -> bool:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="launch")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: compose, check, launch."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         launch(to_dataclass(LaunchConfig, cfg), _explicit_model())
     except R2D2Error as exc:

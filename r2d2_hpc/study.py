@@ -23,8 +23,19 @@ from r2d2_hpc.errors import ConfigError, LaunchError
 
 STUDY_FILE = "study.json"
 STUDY_FORMAT, STUDY_VERSION = "r2d2-study", 1
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE", "INTERRUPTED", "LOST"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "INTERRUPTED",
+    "LOST",
+}
 
 
 @dataclass
@@ -83,7 +94,9 @@ def plan(lc: LaunchConfig, models: dict[str, dict[str, Any]]) -> list[StudyRun]:
 
 def run_config(lc: LaunchConfig, model: dict[str, Any], study_dir: Path, run: StudyRun) -> RunConfig:
     """The training config of one run; checks the batch split for its world size up front."""
-    cfg = RunConfig(data=lc.data, model=model, train=lc.train, run_dir=str(study_dir / run.run_dir), resume="auto")
+    cfg = RunConfig(
+        data=lc.data, model=model, train=lc.train, run_dir=str(study_dir / run.run_dir), resume="auto"
+    )
     cfg.train.micro_batch(run.world_size)  # a global batch that cannot be split fails here, not in a job
     return cfg
 
@@ -99,11 +112,18 @@ class Study:
     @classmethod
     def create(cls, directory: Path, runs: list[StudyRun], launcher: str, config: dict[str, Any]) -> Study:
         if (directory / STUDY_FILE).exists():
-            raise LaunchError(f"{directory / STUDY_FILE} already exists: this study was submitted before. "
-                              f"Fix: re-attach with study.attach={directory}, or choose another study.dir")
+            raise LaunchError(
+                f"{directory / STUDY_FILE} already exists: this study was submitted before. "
+                f"Fix: re-attach with study.attach={directory}, or choose another study.dir"
+            )
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": STUDY_FORMAT, "format_version": STUDY_VERSION, "launcher": launcher,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"), "config": config}
+        meta = {
+            "format": STUDY_FORMAT,
+            "format_version": STUDY_VERSION,
+            "launcher": launcher,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config": config,
+        }
         study = cls(directory, runs, meta)
         study.save()
         return study
@@ -112,25 +132,33 @@ class Study:
     def load(cls, directory: Path) -> Study:
         path = directory / STUDY_FILE
         if not path.is_file():
-            raise LaunchError(f"{path} does not exist; expected the study.json of a submitted study. "
-                              "Fix: point study.attach at the study directory printed at submission")
+            raise LaunchError(
+                f"{path} does not exist; expected the study.json of a submitted study. "
+                "Fix: point study.attach at the study directory printed at submission"
+            )
         data = json.loads(path.read_text())
         if data.get("format") != STUDY_FORMAT or data.get("format_version") != STUDY_VERSION:
-            raise LaunchError(f"{path}: format {data.get('format')!r} version {data.get('format_version')!r}; "
-                              f"expected {STUDY_FORMAT!r} version {STUDY_VERSION}. Fix: use the r2d2_hpc version "
-                              "that wrote it")
+            raise LaunchError(
+                f"{path}: format {data.get('format')!r} version {data.get('format_version')!r}; "
+                f"expected {STUDY_FORMAT!r} version {STUDY_VERSION}. Fix: use the r2d2_hpc version "
+                "that wrote it"
+            )
         runs = [StudyRun(**r) for r in data.pop("runs")]
         return cls(directory, runs, data)
 
     def save(self) -> None:
         path = self.dir / STUDY_FILE
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.meta | {"runs": [asdict(r) for r in self.runs]}, indent=1, default=str))
+        tmp.write_text(
+            json.dumps(self.meta | {"runs": [asdict(r) for r in self.runs]}, indent=1, default=str)
+        )
         os.replace(tmp, path)
 
     def summary(self) -> str:
-        lines = [f"{r.name:<24} {r.state:<10} job {r.job_id or '-':<10} {r.error.splitlines()[-1] if r.error else ''}"
-                 for r in self.runs]
+        lines = [
+            f"{r.name:<24} {r.state:<10} job {r.job_id or '-':<10} {r.error.splitlines()[-1] if r.error else ''}"
+            for r in self.runs
+        ]
         return "\n".join(lines)
 
 
@@ -144,13 +172,16 @@ def job_outcome(job: Any, timeout_s: float | None = None) -> tuple[str, str | No
         tail = _stderr_tail(job)
         message = f"{type(exc).__name__}: {str(exc).strip()[-1500:]}"
         return (state if state not in ("COMPLETED", "UNKNOWN", "RUNNING") else "FAILED"), (
-            message + (f"\n--- stderr tail ---\n{tail}" if tail else ""))
+            message + (f"\n--- stderr tail ---\n{tail}" if tail else "")
+        )
 
 
 def _job_state(job: Any) -> str:
     try:
         return str(job.state).split()[0]
-    except Exception:  # the scheduler may not answer (accounting lag); the error text still says what happened
+    except (
+        Exception
+    ):  # the scheduler may not answer (accounting lag); the error text still says what happened
         return "FAILED"
 
 
@@ -183,8 +214,17 @@ def slurm_accounting(job_id: str) -> dict[str, Any] | None:
     """Queue wait, elapsed time, nodes and allocated TRES of a Slurm job from sacct; None when sacct fails."""
     fields = "JobID,State,Submit,Start,End,ElapsedRaw,NNodes,NCPUS,AllocTRES"
     try:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", fields], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", fields],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if not out:
@@ -199,12 +239,16 @@ def slurm_accounting(job_id: str) -> dict[str, Any] | None:
             return None
 
     submit, start = stamp("Submit"), stamp("Start")
-    return {"job_id": values.get("JobID"), "state": values.get("State", "").split()[0],
-            "queue_wait_s": (start - submit).total_seconds() if submit and start else None,
-            "elapsed_s": float(values["ElapsedRaw"]) if values.get("ElapsedRaw", "").isdigit() else None,
-            "nodes": int(values["NNodes"]) if values.get("NNodes", "").isdigit() else None,
-            "cpus": int(values["NCPUS"]) if values.get("NCPUS", "").isdigit() else None,
-            "gpus": int(tres.get("gres/gpu", 0) or 0), "alloc_tres": values.get("AllocTRES")}
+    return {
+        "job_id": values.get("JobID"),
+        "state": values.get("State", "").split()[0],
+        "queue_wait_s": (start - submit).total_seconds() if submit and start else None,
+        "elapsed_s": float(values["ElapsedRaw"]) if values.get("ElapsedRaw", "").isdigit() else None,
+        "nodes": int(values["NNodes"]) if values.get("NNodes", "").isdigit() else None,
+        "cpus": int(values["NCPUS"]) if values.get("NCPUS", "").isdigit() else None,
+        "gpus": int(tres.get("gres/gpu", 0) or 0),
+        "alloc_tres": values.get("AllocTRES"),
+    }
 
 
 def store_accounting(study: Study) -> None:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, prepare the real demo dataset (MNI152 tissue), verify its shards.
-# Extra arguments are Hydra overrides for prepare, e.g. `bash scripts/main.sh storage.compression=gzip`.
+# The main job on a fresh machine: install, then the default scaling study on this machine — the real demo data
+# (MNI152 tissue, prepared and verified once), U-Net and FCN at 1 and 2 ranks (gloo), and the study's report.
+# Extra arguments are Hydra overrides for the launcher, e.g. `bash scripts/main.sh study.repeats=3`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYBIN=$(bash scripts/install.sh)
-out=${R2D2_DEMO_OUT:-data/prepared/mni_tissue}
-"$PYBIN" -m r2d2_hpc.prepare data=mni_tissue "out=$out" "$@"
-"$PYBIN" -m r2d2_hpc.verify "$out"
+shards=data/prepared/mni_tissue
+if [ ! -f "$shards/manifest.json" ]; then
+  "$PYBIN" -m r2d2_hpc.prepare data=mni_tissue "data.shards=$shards"
+  "$PYBIN" -m r2d2_hpc.verify "$shards"
+fi
+exec "$PYBIN" -m r2d2_hpc.launch "data.shards=$shards" "$@"

@@ -19,9 +19,19 @@ from r2d2_hpc.errors import ConfigError, DataError
 
 @pytest.fixture(scope="module")
 def source() -> MniTissueSource:
-    built = build_source(DataConfig(name="mni_tissue"))
+    # Thick slabs pinned here so the expected bounds below do not follow the defaults.
+    built = build_source(DataConfig(name="mni_tissue", slab_thickness=24, slab_gap=8))
     assert isinstance(built, MniTissueSource)
     return built
+
+
+def test_default_slabs_cover_every_level_of_the_brain() -> None:
+    refs = build_source(DataConfig(name="mni_tissue")).cases()
+    bounds = [(r.extra["start"], r.extra["stop"]) for r in refs]
+    assert all(stop - start == 12 for start, stop in bounds)
+    assert all(b[0] - a[1] == 4 for a, b in zip(bounds, bounds[1:], strict=False)), "4 slices dropped between slabs"
+    splits = [r.split for r in refs]
+    assert splits.count("val") == len(refs) // 3 and splits[1] == "val" and splits[0] == "train"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,144 @@
+"""``launcher=sbatch``: one sbatch script per run of a study, for people who prefer ``sbatch`` to submitit.
+
+Each script runs ``srun python -m r2d2_hpc.train`` with one task per GPU (or CPU rank) and the run's complete,
+resolved config (written beside it as ``<run>.yaml``, so the job does not depend on the submitting shell or on
+``conf/``). ``--signal=USR1@<delay>`` reaches every task before the time limit: the ranks stop at a step boundary
+and checkpoint, and the script requeues the job (``--requeue``) until ``launcher.max_requeues`` restarts; the
+requeued job resumes from the checkpoint (``resume=auto``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+from r2d2_hpc.config import LaunchConfig, LauncherConfig, RunConfig
+from r2d2_hpc.errors import LaunchError
+
+TEMPLATE = Template("""#!/bin/bash
+# r2d2_hpc run $run (study $study_dir): rendered by python -m r2d2_hpc.launch launcher=sbatch
+#SBATCH --job-name=r2d2-$run
+#SBATCH --output=$script_dir/$run-%j.out
+#SBATCH --error=$script_dir/$run-%j.err
+#SBATCH --open-mode=append
+#SBATCH --nodes=$nodes
+#SBATCH --ntasks-per-node=$tasks_per_node
+#SBATCH --cpus-per-task=$cpus_per_task
+#SBATCH --time=$time
+#SBATCH --signal=USR1@$signal_delay_s
+#SBATCH --requeue
+$options
+set -uo pipefail
+$setup
+export OMP_NUM_THREADS=$${SLURM_CPUS_PER_TASK:-1}
+srun --kill-on-bad-exit=1 $python -m r2d2_hpc.train --config-dir $script_dir --config-name $run
+status=$$?
+# Preempted or near the time limit: the ranks checkpointed at a step boundary; requeue to resume.
+if grep -q '"status": "preempted"' $run_dir/result.json 2>/dev/null \\
+    && [ "$${SLURM_RESTART_COUNT:-0}" -lt $max_requeues ]; then
+  scontrol requeue "$$SLURM_JOB_ID"
+  exit 0
+fi
+exit $$status
+""")
+
+
+def sbatch_options(lp: LauncherConfig) -> list[str]:
+    """The optional #SBATCH lines of a launcher config, in a fixed order."""
+    lines = []
+    if lp.gpus_per_node:
+        lines.append(f"--gpus-per-node={lp.gpus_per_node}")
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(lp, key):
+            lines.append(f"--{key}={getattr(lp, key)}")
+    if lp.mem_gb:
+        lines.append(f"--mem={int(lp.mem_gb)}G")
+    if lp.exclusive:
+        lines.append("--exclusive")
+    for key, value in sorted(lp.extra_sbatch.items()):
+        lines.append(f"--{key}" if value is True else f"--{key}={value}")
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def render_script(lc: LaunchConfig, run_name: str, nodes: int, run_dir: str, study_dir: str) -> str:
+    """The sbatch script of one run."""
+    lp = lc.launcher
+    script_dir = f"{study_dir}/sbatch"
+    hours, minutes = divmod(lp.time_min, 60)
+    return TEMPLATE.substitute(
+        run=run_name,
+        study_dir=study_dir,
+        script_dir=script_dir,
+        nodes=nodes,
+        tasks_per_node=lp.ranks_per_node(),
+        cpus_per_task=lp.cpus_per_task,
+        time=f"{hours:02d}:{minutes:02d}:00",
+        signal_delay_s=lp.signal_delay_s,
+        options="\n".join(sbatch_options(lp)),
+        setup="\n".join(lp.setup),
+        python=shlex.quote(lp.python or sys.executable),
+        run_dir=shlex.quote(run_dir),
+        max_requeues=lp.max_requeues,
+    )
+
+
+def render_config(cfg: RunConfig) -> str:
+    """The run's resolved config as a Hydra primary config for ``python -m r2d2_hpc.train``."""
+    body = json.loads(json.dumps(asdict(cfg), default=str))
+    body["defaults"] = [
+        "run_schema",
+        {"override hydra/job_logging": "none"},
+        {"override hydra/hydra_logging": "none"},
+        "_self_",
+    ]
+    body["hydra"] = {"output_subdir": None, "run": {"dir": "."}, "job": {"chdir": False}}
+    return yaml.safe_dump(body, sort_keys=False)
+
+
+def render_study(study: Any, lc: LaunchConfig, configs: dict[str, RunConfig]) -> list[Path]:
+    """Writes every run's script and config into ``<study>/sbatch``; submits them when ``launcher.submit``."""
+    script_dir = study.dir / "sbatch"
+    script_dir.mkdir(parents=True, exist_ok=True)
+    scripts = []
+    for run in study.runs:
+        cfg = configs[run.name]
+        _write(script_dir / f"{run.name}.yaml", render_config(cfg))
+        script = script_dir / f"{run.name}.sbatch"
+        _write(script, render_script(lc, run.name, run.nodes, cfg.run_dir, str(study.dir)))
+        scripts.append(script)
+    if lc.launcher.submit:
+        for run, script in zip(study.runs, scripts, strict=True):
+            run.job_id, run.state = submit(script), "SUBMITTED"
+        study.save()
+        print(f"submitted {len(scripts)} job(s); collect them with: python -m r2d2_hpc.analysis {study.dir}")
+    else:
+        print(f"rendered {len(scripts)} sbatch script(s) in {script_dir}; submit them with:")
+        for script in scripts:
+            print(f"  sbatch {script}")
+    return scripts
+
+
+def submit(script: Path) -> str:
+    """``sbatch --parsable <script>``; returns the job id."""
+    done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LaunchError(
+            f"{script}: sbatch refused it: {done.stderr.strip()}. Fix: adjust the launcher.* settings "
+            "(partition, time, resources) to what the cluster allows"
+        )
+    return done.stdout.strip().split(";")[0]
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,100 @@
+"""The launcher for real on this machine: a study of two models x two scales as local processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r2d2_hpc.config import DataConfig, PrepareConfig
+from r2d2_hpc.data.prepare import run_prepare
+from r2d2_hpc.data.synthetic import write_phantom_dataset
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "study.model_overrides={unet: {depth: 2, base_width: 4}, fcn: {convs_per_stage: [1,1,1], base_width: 4, "
+    "fc_width: 8}}",
+    "train.max_steps=2",
+    "train.global_batch=4",
+    "train.eval_every_steps=0",
+    "train.num_workers=0",
+    "train.timing_warmup_steps=0",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("launch")
+    write_phantom_dataset(base / "raw", num_cases=3, num_channels=1, num_classes=3, shape=(32, 32, 9), seed=4)
+    run_prepare(
+        PrepareConfig(
+            data=DataConfig(name="msd", root=str(base / "raw"), val_cases=["phantom_002"]),
+            out=str(base / "shards"),
+            num_workers=0,
+            progress=False,
+        )
+    )
+    return base / "shards"
+
+
+def _launch(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "r2d2_hpc.launch", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_study_runs_every_model_and_scale_and_reports_a_failed_run(shards: Path, tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    # FCN-99s does not exist: its jobs fail inside the job, the U-Net runs must still complete.
+    done = _launch(
+        [f"data.shards={shards}", f"study.dir={study}", *TINY, "+study.model_overrides.fcn.variant=99s"]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((study / "study.json").read_text())
+    states = {r["name"]: r["state"] for r in record["runs"]}
+    assert states == {
+        "unet-n1-r0": "COMPLETED",
+        "unet-n2-r0": "COMPLETED",
+        "fcn-n1-r0": "FAILED",
+        "fcn-n2-r0": "FAILED",
+    }
+    failed = next(r for r in record["runs"] if r["name"] == "fcn-n1-r0")
+    assert "99s" in failed["error"], failed["error"]
+    for name, world in (("unet-n1-r0", 1), ("unet-n2-r0", 2)):
+        result = json.loads((study / "runs" / name / "result.json").read_text())
+        assert result["world_size"] == world and result["steps"] == 2
+    assert (study / "report" / "report.html").is_file()
+    assert "fcn-n1-r0" in (study / "report" / "report.md").read_text()
+
+
+def test_explicit_model_override_restricts_the_study(shards: Path, tmp_path: Path) -> None:
+    study = tmp_path / "one"
+    done = _launch(
+        [
+            f"data.shards={shards}",
+            f"study.dir={study}",
+            "model=unet",
+            "study.scales=[1]",
+            "study.report=false",
+            *TINY,
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads((study / "study.json").read_text())["runs"]
+    assert [(r["name"], r["state"]) for r in runs] == [("unet-n1-r0", "COMPLETED")]
+
+
+def test_bad_override_names_the_valid_choices(tmp_path: Path) -> None:
+    done = _launch(["launcher=bogus"])
+    assert done.returncode != 0
+    assert "local" in done.stderr and "slurm" in done.stderr
+    done = _launch(["train.scaling=diagonal", f"study.dir={tmp_path / 's'}"])
+    assert done.returncode != 0 and "strong, weak" in done.stderr
