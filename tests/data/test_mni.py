@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import pickle
 import re
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_default_slabs_cover_every_level_of_the_brain() -> None:
     refs = build_source(DataConfig(name="mni_tissue")).cases()
     bounds = [(r.extra["start"], r.extra["stop"]) for r in refs]
     assert all(stop - start == 12 for start, stop in bounds)
-    assert all(b[0] - a[1] == 4 for a, b in zip(bounds, bounds[1:], strict=False)), "4 slices dropped between slabs"
+    assert all(b[0] - a[1] == 4 for a, b in itertools.pairwise(bounds)), "4 slices dropped between slabs"
     splits = [r.split for r in refs]
     assert splits.count("val") == len(refs) // 3 and splits[1] == "val" and splits[0] == "train"
 
