@@ -345,7 +345,8 @@ class StudyConfig:
 
     name: str = "demo"  # study name (used in the default directory)
     models: list[str] | None = None  # model names (conf/model/<name>.yaml); None: the model group's choice
-    scales: list[int] = field(default_factory=lambda: [1, 2])  # nodes per run (local launcher: ranks per run)
+    scales: list[int] = field(default_factory=lambda: [1, 2])  # per run: nodes, or ranks (see scale_unit)
+    scale_unit: str = "nodes"  # nodes: each node runs ranks_per_node ranks | ranks: total ranks, packed on nodes
     repeats: int = 1  # runs per model and scale (spread in the report)
     model_overrides: dict[str, dict[str, Any]] = field(
         default_factory=dict
@@ -356,6 +357,7 @@ class StudyConfig:
     report: bool = True  # run the analysis when the study is complete
 
     def __post_init__(self) -> None:
+        _check_choice("study.scale_unit", self.scale_unit, ("nodes", "ranks"))
         if not self.scales or any(int(s) < 1 for s in self.scales) or self.repeats < 1:
             raise ConfigError(
                 f"study.scales={self.scales} must list positive node counts and study.repeats >= 1"

@@ -74,7 +74,7 @@ def _local_executor(folder: Path, lc: LaunchConfig, world_size: int) -> Any:
     return executor
 
 
-def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int) -> Any:
+def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int, tasks_per_node: int) -> Any:
     """A submitit SlurmExecutor with the launcher's parameters (one task per GPU, or CPU ranks)."""
     import submitit
 
@@ -123,12 +123,12 @@ def run_local(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> None:
 
 def submit_slurm(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> dict[str, Any]:
     """Submits every run at once; runs with equal executor parameters go in one array."""
-    groups: dict[int, list] = defaultdict(list)
+    groups: dict[tuple[int, int], list] = defaultdict(list)
     for run in study.runs:
-        groups[run.nodes].append(run)
+        groups[(run.nodes, run.world_size // run.nodes)].append(run)
     jobs = {}
-    for nodes, runs in groups.items():
-        executor = slurm_executor(study.dir / "jobs", lc, nodes)
+    for (nodes, tasks_per_node), runs in groups.items():
+        executor = slurm_executor(study.dir / "jobs", lc, nodes, tasks_per_node)
         with executor.batch():
             pending = [
                 (run, executor.submit(TrainJob(configs[run.name], lc.launcher.max_requeues))) for run in runs

@@ -45,7 +45,7 @@ class StudyRun:
     name: str
     model: str
     nodes: int
-    world_size: int
+    world_size: int  # ranks: nodes x tasks per node
     repeat: int
     run_dir: str  # relative to the study directory
     job_id: str | None = None
@@ -80,15 +80,28 @@ def model_configs(lc: LaunchConfig, explicit_model: bool) -> dict[str, dict[str,
     return configs
 
 
+def nodes_and_ranks(scale: int, unit: str, per_node: int) -> tuple[int, int]:
+    """(nodes, total ranks) of one scale: ``scale`` nodes, or ``scale`` ranks packed ``per_node`` to a node."""
+    if unit == "nodes":
+        return scale, scale * per_node
+    if scale > per_node and scale % per_node:
+        raise ConfigError(f"study.scales has {scale} ranks, which do not fill nodes of {per_node} ranks "
+                          f"(launcher.tasks_per_node / gpus_per_node); use multiples of {per_node}")
+    return max(1, scale // per_node), scale
+
+
 def plan(lc: LaunchConfig, models: dict[str, dict[str, Any]]) -> list[StudyRun]:
     """Every run of the study, smallest scale first."""
     per_node = lc.launcher.ranks_per_node()
+    unit = "ranks" if lc.launcher.name in ("local", "debug") else lc.study.scale_unit  # one machine: ranks
+    tag = "n" if unit == "nodes" else "w"
     runs = []
     for name in models:
-        for nodes in sorted({int(s) for s in lc.study.scales}):
+        for scale in sorted({int(s) for s in lc.study.scales}):
+            nodes, world = nodes_and_ranks(scale, unit, per_node)
             for repeat in range(lc.study.repeats):
-                run_name = f"{name}-n{nodes}-r{repeat}"
-                runs.append(StudyRun(run_name, name, nodes, nodes * per_node, repeat, f"runs/{run_name}"))
+                run_name = f"{name}-{tag}{scale}-r{repeat}"
+                runs.append(StudyRun(run_name, name, nodes, world, repeat, f"runs/{run_name}"))
     return runs
 
 

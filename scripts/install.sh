@@ -32,6 +32,9 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c "import r2d2_hpc" >/dev/null 2>&1; then
   echo "install: installing r2d2_hpc and its dependencies into $VENV" >&2
   "$VENV/bin/pip" install --quiet -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
+  # MONAI computes the clinical metrics (evaluate/predict). --no-deps: its own torch requirement must never make
+  # pip replace the torch kept above (a cluster's CUDA build).
+  "$VENV/bin/pip" install --quiet --no-deps "monai>=1.4,<1.7" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
 fi
 echo "$VENV/bin/python"

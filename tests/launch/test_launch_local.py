@@ -16,8 +16,11 @@ from r2d2_hpc.data.synthetic import write_phantom_dataset
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "study.model_overrides={unet: {depth: 2, base_width: 4}, fcn: {convs_per_stage: [1,1,1], base_width: 4, "
-    "fc_width: 8}}",
+    "++study.model_overrides.unet.depth=2",
+    "++study.model_overrides.unet.base_width=4",
+    "++study.model_overrides.fcn.convs_per_stage=[1,1,1]",
+    "++study.model_overrides.fcn.base_width=4",
+    "++study.model_overrides.fcn.fc_width=8",
     "train.max_steps=2",
     "train.global_batch=4",
     "train.eval_every_steps=0",
@@ -55,24 +58,24 @@ def test_study_runs_every_model_and_scale_and_reports_a_failed_run(shards: Path,
     study = tmp_path / "study"
     # FCN-99s does not exist: its jobs fail inside the job, the U-Net runs must still complete.
     done = _launch(
-        [f"data.shards={shards}", f"study.dir={study}", *TINY, "+study.model_overrides.fcn.variant=99s"]
+        [f"data.shards={shards}", f"study.dir={study}", *TINY, "++study.model_overrides.fcn.variant=99s"]
     )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((study / "study.json").read_text())
     states = {r["name"]: r["state"] for r in record["runs"]}
     assert states == {
-        "unet-n1-r0": "COMPLETED",
-        "unet-n2-r0": "COMPLETED",
-        "fcn-n1-r0": "FAILED",
-        "fcn-n2-r0": "FAILED",
+        "unet-w1-r0": "COMPLETED",
+        "unet-w2-r0": "COMPLETED",
+        "fcn-w1-r0": "FAILED",
+        "fcn-w2-r0": "FAILED",
     }
-    failed = next(r for r in record["runs"] if r["name"] == "fcn-n1-r0")
+    failed = next(r for r in record["runs"] if r["name"] == "fcn-w1-r0")
     assert "99s" in failed["error"], failed["error"]
-    for name, world in (("unet-n1-r0", 1), ("unet-n2-r0", 2)):
+    for name, world in (("unet-w1-r0", 1), ("unet-w2-r0", 2)):
         result = json.loads((study / "runs" / name / "result.json").read_text())
         assert result["world_size"] == world and result["steps"] == 2
     assert (study / "report" / "report.html").is_file()
-    assert "fcn-n1-r0" in (study / "report" / "report.md").read_text()
+    assert "fcn-w1-r0" in (study / "report" / "report.md").read_text()
 
 
 def test_explicit_model_override_restricts_the_study(shards: Path, tmp_path: Path) -> None:
@@ -89,7 +92,7 @@ def test_explicit_model_override_restricts_the_study(shards: Path, tmp_path: Pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads((study / "study.json").read_text())["runs"]
-    assert [(r["name"], r["state"]) for r in runs] == [("unet-n1-r0", "COMPLETED")]
+    assert [(r["name"], r["state"]) for r in runs] == [("unet-w1-r0", "COMPLETED")]
 
 
 def test_bad_override_names_the_valid_choices(tmp_path: Path) -> None:
