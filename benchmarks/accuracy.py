@@ -31,26 +31,49 @@ BATCH = 8
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("dice_per_class", "mean_foreground_dice", "class_names", "steps", "global_batch", "wall_s",
-            "throughput_samples_per_s", "num_params", "world_size", "scaling")
+    keys = (
+        "dice_per_class",
+        "mean_foreground_dice",
+        "class_names",
+        "steps",
+        "global_batch",
+        "wall_s",
+        "throughput_samples_per_s",
+        "num_params",
+        "world_size",
+        "scaling",
+    )
     return {k: result.get(k) for k in keys}
 
 
-def _run(work: Path, name: str, shards: Path, world: int, model: list[str], steps: int,
-         extra: list[str]) -> dict[str, Any]:
+def _run(
+    work: Path, name: str, shards: Path, world: int, model: list[str], steps: int, extra: list[str]
+) -> dict[str, Any]:
     threads = max(1, 2 // world)
-    overrides = [f"data.shards={shards}", *model, f"train.max_steps={steps}", f"train.eval_every_steps={steps // 4}",
-                 "train.checkpoint_every_steps=0", f"train.threads_per_rank={threads}", "train.num_workers=1", *extra]
+    overrides = [
+        f"data.shards={shards}",
+        *model,
+        f"train.max_steps={steps}",
+        f"train.eval_every_steps={steps // 4}",
+        "train.checkpoint_every_steps=0",
+        f"train.threads_per_rank={threads}",
+        "train.num_workers=1",
+        *extra,
+    ]
     t0 = time.monotonic()
     result = _summary(train_run(work / name, world, overrides))
     result["process_wall_s"] = round(time.monotonic() - t0, 1)
-    print(f"{name}: Dice {[round(d, 4) for d in result['dice_per_class']]}, mean foreground "
-          f"{result['mean_foreground_dice']:.4f}, {result['wall_s']:.0f} s")
+    print(
+        f"{name}: Dice {[round(d, 4) for d in result['dice_per_class']]}, mean foreground "
+        f"{result['mean_foreground_dice']:.4f}, {result['wall_s']:.0f} s"
+    )
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/accuracy.json")
     parser.add_argument("--shards", type=Path, default=REPO / "data/prepared/mni_tissue")
     parser.add_argument("--unet-steps", type=int, default=150)
@@ -68,25 +91,42 @@ def main() -> None:
         if "fcn" in parts:
             runs["fcn8s_1rank"] = _run(work, "fcn8s_1rank", shards, 1, FCN, args.fcn_steps, batch)
         if "scaling" in parts:
-            runs["unet_2rank_strong"] = _run(work, "unet_2rank_strong", shards, 2, UNET, args.unet_steps, batch)
+            runs["unet_2rank_strong"] = _run(
+                work, "unet_2rank_strong", shards, 2, UNET, args.unet_steps, batch
+            )
             for rule in ("none", "linear", "sqrt"):
-                weak = ["train.scaling=weak", f"train.batch_per_rank={BATCH}", f"train.lr_scaling={rule}",
-                        f"train.lr_reference_batch={BATCH}"]
-                runs[f"unet_2rank_weak_{rule}"] = _run(work, f"unet_2rank_weak_{rule}", shards, 2, UNET,
-                                                       args.unet_steps, weak)
+                weak = [
+                    "train.scaling=weak",
+                    f"train.batch_per_rank={BATCH}",
+                    f"train.lr_scaling={rule}",
+                    f"train.lr_reference_batch={BATCH}",
+                ]
+                runs[f"unet_2rank_weak_{rule}"] = _run(
+                    work, f"unet_2rank_weak_{rule}", shards, 2, UNET, args.unet_steps, weak
+                )
     base = runs.get("unet_1rank")
     accuracy_loss = {}
     if base is not None:
         for name, run in runs.items():
             if name.startswith("unet_2rank"):
                 accuracy_loss[name] = {
-                    "mean_foreground_dice_minus_1rank": run["mean_foreground_dice"] - base["mean_foreground_dice"],
-                    "per_class_minus_1rank": [a - b for a, b in zip(run["dice_per_class"], base["dice_per_class"],
-                                                                     strict=True)]}
-    payload = {"benchmark": "accuracy", "machine": machine(), "data": "mni_tissue (2D axial, held-out slabs)",
-               "runs": runs, "accuracy_loss_vs_1rank": accuracy_loss,
-               "targets": {"unet_mean_foreground_dice": ">= 0.90 within 600 s",
-                           "fcn8s_mean_foreground_dice": ">= 0.80"}}
+                    "mean_foreground_dice_minus_1rank": run["mean_foreground_dice"]
+                    - base["mean_foreground_dice"],
+                    "per_class_minus_1rank": [
+                        a - b for a, b in zip(run["dice_per_class"], base["dice_per_class"], strict=True)
+                    ],
+                }
+    payload = {
+        "benchmark": "accuracy",
+        "machine": machine(),
+        "data": "mni_tissue (2D axial, held-out slabs)",
+        "runs": runs,
+        "accuracy_loss_vs_1rank": accuracy_loss,
+        "targets": {
+            "unet_mean_foreground_dice": ">= 0.90 within 600 s",
+            "fcn8s_mean_foreground_dice": ">= 0.80",
+        },
+    }
     write_json(args.out, payload)
 
 

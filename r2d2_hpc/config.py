@@ -346,7 +346,9 @@ class StudyConfig:
     name: str = "demo"  # study name (used in the default directory)
     models: list[str] | None = None  # model names (conf/model/<name>.yaml); None: the model group's choice
     scales: list[int] = field(default_factory=lambda: [1, 2])  # per run: nodes, or ranks (see scale_unit)
-    scale_unit: str = "nodes"  # nodes: each node runs ranks_per_node ranks | ranks: total ranks, packed on nodes
+    scale_unit: str = (
+        "nodes"  # nodes: each node runs ranks_per_node ranks | ranks: total ranks, packed on nodes
+    )
     repeats: int = 1  # runs per model and scale (spread in the report)
     model_overrides: dict[str, dict[str, Any]] = field(
         default_factory=dict

@@ -69,8 +69,14 @@ def sbatch_options(lp: LauncherConfig) -> list[str]:
     return [f"#SBATCH {line}" for line in lines]
 
 
-def render_script(lc: LaunchConfig, run_name: str, nodes: int, run_dir: str, study_dir: str,
-                  tasks_per_node: int | None = None) -> str:
+def render_script(
+    lc: LaunchConfig,
+    run_name: str,
+    nodes: int,
+    run_dir: str,
+    study_dir: str,
+    tasks_per_node: int | None = None,
+) -> str:
     """The sbatch script of one run."""
     lp = lc.launcher
     script_dir = f"{study_dir}/sbatch"
@@ -114,8 +120,10 @@ def render_study(study: Any, lc: LaunchConfig, configs: dict[str, RunConfig]) ->
         cfg = configs[run.name]
         _write(script_dir / f"{run.name}.yaml", render_config(cfg))
         script = script_dir / f"{run.name}.sbatch"
-        _write(script, render_script(lc, run.name, run.nodes, cfg.run_dir, str(study.dir),
-                                     run.world_size // run.nodes))
+        _write(
+            script,
+            render_script(lc, run.name, run.nodes, cfg.run_dir, str(study.dir), run.world_size // run.nodes),
+        )
         scripts.append(script)
     if lc.launcher.submit:
         for run, script in zip(study.runs, scripts, strict=True):

@@ -85,8 +85,10 @@ def nodes_and_ranks(scale: int, unit: str, per_node: int) -> tuple[int, int]:
     if unit == "nodes":
         return scale, scale * per_node
     if scale > per_node and scale % per_node:
-        raise ConfigError(f"study.scales has {scale} ranks, which do not fill nodes of {per_node} ranks "
-                          f"(launcher.tasks_per_node / gpus_per_node); use multiples of {per_node}")
+        raise ConfigError(
+            f"study.scales has {scale} ranks, which do not fill nodes of {per_node} ranks "
+            f"(launcher.tasks_per_node / gpus_per_node); use multiples of {per_node}"
+        )
     return max(1, scale // per_node), scale
 
 
