@@ -62,7 +62,7 @@ class DataConfig:
     ct_window: list[float] | None = None  # [low, high] HU clip for ct_window, e.g. [-160, 240]
     ct_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # clip for ct_percentile
     crop_nonzero: bool = False  # crop every case to the bounding box of its non-zero image voxels
-    label_map: dict[int, int] | None = None  # remap source label values, e.g. {4: 3} for MSD BrainTumour
+    label_map: Any = None  # {source value: new value}, e.g. {4: 3} (MSD BrainTumour); Any: OmegaConf cannot override a typed None dict
     # --- sample layout ---
     layout: str = "2d"  # 2d: slices along slice_axis | 3d: patches of patch_size
     slice_axis: int = 2  # axis (0=x, 1=y, 2=z in RAS) along which 2D slices are cut
@@ -104,6 +104,13 @@ class DataConfig:
             raise ConfigError(f"data.foreground_fraction={self.foreground_fraction} must be in [0, 1]")
         if self.normalisation == "ct_window" and (self.ct_window is None or len(self.ct_window) != 2):
             raise ConfigError("data.normalisation=ct_window needs data.ct_window=[low,high] (HU)")
+        if self.label_map is not None:
+            try:
+                self.label_map = {int(k): int(v) for k, v in dict(self.label_map).items()}
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(
+                    f"data.label_map={self.label_map!r} must map integers to integers, e.g. {{4: 3}}"
+                ) from exc
         if self.name in ("msd", "folders") and not self.root:
             raise ConfigError(f"data={self.name} needs data.root=<folder of the dataset>")
         if not 1 <= self.num_channels <= 4 or not 2 <= self.num_classes <= 6:
