@@ -69,7 +69,7 @@ def test_bad_values_name_the_valid_choices(overrides: list[str], message: str) -
 
 
 def test_unknown_setting_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="Unavailable setting.*bogus.*Valid settings are"):
+    with pytest.raises(ConfigError, match=r"Unavailable setting.*bogus.*Valid settings are"):
         to_dataclass(TrainConfig, {"bogus": 1})
 
 
