@@ -204,3 +204,41 @@ class MniTissueSource:
             affine=slab_affine,
             files=ref.files,
         )
+
+
+def export_slabs(out: Path, split: str = "val", cfg: DataConfig | None = None) -> list[str]:
+    """Writes the slabs of one split as NIfTI (``images/<case>.nii.gz``, ``labels/<case>.nii.gz``, raw T1 values).
+
+    This is the demo's held-out data as a user would have it on disk, for ``predict`` and ``evaluate``.
+    """
+    import nibabel as nib
+
+    source = MniTissueSource.from_config(cfg or DataConfig(name="mni_tissue"))
+    refs = [r for r in source.cases() if split == "all" or r.split == split]
+    for sub in ("images", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        case = source.load(ref)
+        for sub, array in (("images", case.image[0]), ("labels", case.label)):
+            final = out / sub / f"{ref.case_id}.nii.gz"
+            tmp = final.with_name(f".{final.name}.tmp.nii.gz")
+            nib.save(nib.Nifti1Image(array, case.affine), tmp)
+            tmp.replace(final)
+    return [r.case_id for r in refs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m r2d2_hpc.data.mni --out DIR [--split val|train|all]``: the demo slabs as NIfTI files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--split", choices=("val", "train", "all"), default="val")
+    args = parser.parse_args(argv)
+    cases = export_slabs(args.out, args.split)
+    print(f"wrote {len(cases)} case(s) to {args.out}/images and {args.out}/labels")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

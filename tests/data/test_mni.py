@@ -8,6 +8,7 @@ import pickle
 import re
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -145,3 +146,18 @@ def test_missing_nilearn_or_template_file(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(DataError, match="pip install nilearn"):
         mni.nilearn_data_dir()
+
+
+def test_export_writes_the_held_out_slabs_as_nifti(tmp_path: Path) -> None:
+    from r2d2_hpc.data.mni import main
+
+    assert main(["--out", str(tmp_path), "--split", "val"]) == 0
+    source = build_source(DataConfig(name="mni_tissue"))
+    val = [r for r in source.cases() if r.split == "val"]
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == [f"{r.case_id}.nii.gz" for r in val]
+    case = source.load(val[0])
+    label = nib.load(tmp_path / "labels" / f"{val[0].case_id}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(label.dataobj), case.label)
+    np.testing.assert_allclose(label.affine, case.affine)
+    image = nib.load(tmp_path / "images" / f"{val[0].case_id}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(image.dataobj), case.image[0])
