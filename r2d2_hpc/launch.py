@@ -167,7 +167,9 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
     models = model_configs(lc, explicit_model)
     runs = plan(lc, models)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    study_dir = Path(lc.study.dir or f"runs/{lc.study.name}-{stamp}").absolute()
+    # A model chosen on the command line names the directory too: Hydra multirun jobs start in the same second.
+    tag = f"-{'-'.join(models)}" if explicit_model else ""
+    study_dir = Path(lc.study.dir or f"runs/{lc.study.name}{tag}-{stamp}").absolute()
     configs = {r.name: run_config(lc, models[r.model], study_dir, r) for r in runs}
     study = Study.create(study_dir, runs, lc.launcher.name, _plain(lc))
     log.info("study %s: %d run(s) with launcher=%s", study_dir, len(runs), lc.launcher.name)
