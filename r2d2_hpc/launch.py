@@ -82,7 +82,7 @@ def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int, tasks_per_node: i
     params: dict[str, Any] = {
         "time": lp.time_min,
         "nodes": nodes,
-        "ntasks_per_node": lp.ranks_per_node(),
+        "ntasks_per_node": tasks_per_node,
         "cpus_per_task": lp.cpus_per_task,
         "signal_delay_s": lp.signal_delay_s,
         "setup": list(lp.setup),

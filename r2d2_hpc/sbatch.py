@@ -86,7 +86,7 @@ def render_script(
         study_dir=study_dir,
         script_dir=script_dir,
         nodes=nodes,
-        tasks_per_node=lp.ranks_per_node(),
+        tasks_per_node=tasks_per_node or lp.ranks_per_node(),
         cpus_per_task=lp.cpus_per_task,
         time=f"{hours:02d}:{minutes:02d}:00",
         signal_delay_s=lp.signal_delay_s,

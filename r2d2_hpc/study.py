@@ -177,7 +177,7 @@ class Study:
         return "\n".join(lines)
 
 
-def job_outcome(job: Any, timeout_s: float | None = None) -> tuple[str, str | None]:
+def job_outcome(job: Any) -> tuple[str, str | None]:
     """Waits for a submitit job; returns (state, error text or None)."""
     try:
         job.results()  # one result per task (rank)
@@ -186,9 +186,9 @@ def job_outcome(job: Any, timeout_s: float | None = None) -> tuple[str, str | No
         state = _job_state(job)
         tail = _stderr_tail(job)
         message = f"{type(exc).__name__}: {str(exc).strip()[-1500:]}"
-        return (state if state not in ("COMPLETED", "UNKNOWN", "RUNNING") else "FAILED"), (
-            message + (f"\n--- stderr tail ---\n{tail}" if tail else "")
-        )
+        # The scheduler may still say RUNNING/PENDING (accounting lag) or FINISHED (local): the job failed.
+        failed_state = state if state in FINISHED - {"COMPLETED"} else "FAILED"
+        return failed_state, message + (f"\n--- stderr tail ---\n{tail}" if tail else "")
 
 
 def _job_state(job: Any) -> str:
@@ -225,26 +225,37 @@ def wait_all(study: Study, jobs: dict[str, Any], poll_s: float = 2.0) -> None:
             time.sleep(poll_s)
 
 
-def slurm_accounting(job_id: str) -> dict[str, Any] | None:
+def _sacct_row(job_id: str, fields: str, wait_s: float) -> dict[str, str] | None:
+    """The job's sacct row once it shows a finished state (the accounting database lags the controller)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            out = (
+                subprocess.run(
+                    ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", fields],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        values = dict(zip(fields.split(","), out[-1].split("|"), strict=False)) if out else None
+        finished = values is not None and values.get("State", "").split(" ")[0] in FINISHED
+        if finished or time.monotonic() > deadline:
+            return values
+        time.sleep(0.5)
+
+
+def slurm_accounting(job_id: str, wait_s: float = 30.0) -> dict[str, Any] | None:
     """Queue wait, elapsed time, nodes and allocated TRES of a Slurm job from sacct; None when sacct fails."""
     fields = "JobID,State,Submit,Start,End,ElapsedRaw,NNodes,NCPUS,AllocTRES"
-    try:
-        out = (
-            subprocess.run(
-                ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", fields],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()
-        )
-    except (OSError, subprocess.SubprocessError):
+    values = _sacct_row(job_id, fields, wait_s)
+    if not values:
         return None
-    if not out:
-        return None
-    values = dict(zip(fields.split(","), out[-1].split("|"), strict=False))
     tres = dict(kv.split("=", 1) for kv in values.get("AllocTRES", "").split(",") if "=" in kv)
 
     def stamp(key: str) -> datetime | None:

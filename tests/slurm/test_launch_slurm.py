@@ -101,6 +101,10 @@ def test_study_with_two_scales_is_submitted_collected_and_reported(
     assert {n: r["state"] for n, r in runs.items()} == {"unet-w1-r0": "COMPLETED", "unet-w2-r0": "COMPLETED"}
     header = read_jsonl(study / "runs" / "unet-w2-r0" / "timing" / "rank1.jsonl")[0]
     assert header["world_size"] == 2 and header["slurm_job_id"] == runs["unet-w2-r0"]["job_id"]
+    single = read_jsonl(study / "runs" / "unet-w1-r0" / "timing" / "rank0.jsonl")[0]
+    assert (
+        single["world_size"] == 1 and not (study / "runs" / "unet-w1-r0" / "timing" / "rank1.jsonl").exists()
+    )
     acct = json.loads((study / "runs" / "unet-w2-r0" / "slurm.json").read_text())
     assert acct["state"] == "COMPLETED" and acct["cpus"] == 2 and acct["elapsed_s"] >= 1
     assert acct["queue_wait_s"] is not None and acct["queue_wait_s"] >= 0
@@ -207,6 +211,7 @@ def test_sbatch_scripts_pass_test_only_and_one_runs(slurm_cluster, shards: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     scripts = sorted((study / "sbatch").glob("*.sbatch"))
     assert [s.name for s in scripts] == ["unet-w1-r0.sbatch", "unet-w2-r0.sbatch"]
+    assert "--ntasks-per-node=1" in scripts[0].read_text() and "--ntasks-per-node=2" in scripts[1].read_text()
     for script in scripts:
         check = subprocess.run(
             ["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=30
