@@ -10,8 +10,8 @@ Part 2 times forward + backward + SGD step of our default U-Net and MONAI's `mon
 widths (32..512) and depth (4 poolings): both are the classical design — two conv-norm-activation blocks per level,
 max-pool down, transposed conv up, instance norm, LeakyReLU. (MONAI's `UNet` is a different network: one strided
 conv per level, so it does about 8x less work at full resolution.) Same batch, the two models alternate so that
-machine noise hits both alike. MONAI is a benchmark-only extra:
-`pip install 'monai>=1.4,<2'` (it keeps the installed torch).
+machine noise hits both alike. MONAI comes with scripts/install.sh (installed with --no-deps, so it keeps the
+torch that is there).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def monai_part(repeats: int, batch: int, size: tuple[int, int]) -> dict[str, Any
     try:
         from monai.networks.nets import BasicUNet
     except ImportError:
-        return {"skipped": "monai is not installed: pip install 'monai>=1.4,<2'"}
+        return {"skipped": "monai is not installed: pip install --no-deps 'monai>=1.4,<1.7'"}
     from r2d2_hpc.models import build_model
 
     torch.manual_seed(0)
