@@ -79,13 +79,14 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=150)
     parser.add_argument("--fcn-steps", type=int, default=150)
     parser.add_argument("--only", default="unet,fcn,scaling")
+    parser.add_argument("--work", type=Path, default=None, help="keep the run directories here (default: temporary)")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     shards = ensure_demo_shards(args.shards)
     runs: dict[str, Any] = {}
     batch = [f"train.global_batch={BATCH}"]
     with tempfile.TemporaryDirectory(prefix="r2d2-accuracy-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         if "unet" in parts or "scaling" in parts:
             runs["unet_1rank"] = _run(work, "unet_1rank", shards, 1, UNET, args.unet_steps, batch)
         if "fcn" in parts:
