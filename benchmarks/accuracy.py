@@ -76,9 +76,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/accuracy.json")
     parser.add_argument("--shards", type=Path, default=REPO / "data/prepared/mni_tissue")
-    parser.add_argument("--unet-steps", type=int, default=150)
-    parser.add_argument("--fcn-steps", type=int, default=150)
-    parser.add_argument("--only", default="unet,fcn,scaling")
+    parser.add_argument("--unet-steps", type=int, default=300)
+    parser.add_argument("--fcn-steps", type=int, default=400)
+    parser.add_argument("--only", default="unet,fcn,strong,weak", help="parts: unet, fcn, strong, weak")
     parser.add_argument("--work", type=Path, default=None, help="keep the run directories here (default: temporary)")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -87,7 +87,7 @@ def main() -> None:
     batch = [f"train.global_batch={BATCH}"]
     with tempfile.TemporaryDirectory(prefix="r2d2-accuracy-") as tmp:
         work = args.work or Path(tmp)
-        if "unet" in parts or "scaling" in parts:
+        if parts & {"unet", "strong", "weak"}:
             runs["unet_1rank"] = _run(work, "unet_1rank", shards, 1, UNET, args.unet_steps, batch)
         if "fcn" in parts:
             runs["fcn8s_1rank"] = _run(work, "fcn8s_1rank", shards, 1, FCN, args.fcn_steps, batch)
