@@ -91,10 +91,11 @@ def main() -> None:
             runs["unet_1rank"] = _run(work, "unet_1rank", shards, 1, UNET, args.unet_steps, batch)
         if "fcn" in parts:
             runs["fcn8s_1rank"] = _run(work, "fcn8s_1rank", shards, 1, FCN, args.fcn_steps, batch)
-        if "scaling" in parts:
+        if "strong" in parts:
             runs["unet_2rank_strong"] = _run(
                 work, "unet_2rank_strong", shards, 2, UNET, args.unet_steps, batch
             )
+        if "weak" in parts:
             for rule in ("none", "linear", "sqrt"):
                 weak = [
                     "train.scaling=weak",
