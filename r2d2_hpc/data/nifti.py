@@ -202,6 +202,26 @@ def check_same_grid(
         )
 
 
+def stack_channel_files(
+    files: list[tuple[Path, str]], affine_tolerance: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads (file, role) pairs in channel order into one float32 ``(C, X, Y, Z)`` image on one shared grid.
+
+    Returns the image and the first file's affine. Raises DataError when a file is bad or the grids differ.
+    """
+    parts, reference = [], None
+    for path, role in files:
+        image, affine = load_nifti(path, role)
+        grid = (path, image.shape[1:], affine)
+        if reference is None:
+            reference = grid
+        else:
+            check_same_grid(reference, grid, affine_tolerance)
+        parts.append(image)
+    assert reference is not None, "at least one file"
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)), reference[2]
+
+
 def load_case_files(
     case_id: str, files: Mapping[str, Path], num_channels: int, affine_tolerance: float
 ) -> RawCase:
@@ -215,16 +235,7 @@ def load_case_files(
         raise DataError(
             problem(None, f"case {case_id!r} lists no image file", "at least one", "fix the listing")
         )
-    parts, reference = [], None
-    for role in image_roles:
-        image, affine = load_nifti(files[role], role)
-        grid = (Path(files[role]), image.shape[1:], affine)
-        if reference is None:
-            reference = grid
-        else:
-            check_same_grid(reference, grid, affine_tolerance)
-        parts.append(image)
-    image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    image, affine = stack_channel_files([(Path(files[r]), r) for r in image_roles], affine_tolerance)
     if image.shape[0] != num_channels:
         raise DataError(
             problem(
@@ -237,5 +248,6 @@ def load_case_files(
     label = None
     if LABEL_ROLE in files:
         label, label_affine = load_nifti(files[LABEL_ROLE], LABEL_ROLE)
+        reference = (Path(files[image_roles[0]]), image.shape[1:], affine)
         check_same_grid(reference, (Path(files[LABEL_ROLE]), label.shape, label_affine), affine_tolerance)
-    return RawCase(case_id=case_id, image=image, label=label, affine=reference[2], files=dict(files))
+    return RawCase(case_id=case_id, image=image, label=label, affine=affine, files=dict(files))

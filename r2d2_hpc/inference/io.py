@@ -25,7 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from r2d2_hpc.data.nifti import check_same_grid, load_nifti, strip_nifti_suffix
+from r2d2_hpc.data.nifti import stack_channel_files, strip_nifti_suffix
 from r2d2_hpc.errors import DataError, problem
 
 NIFTI_GLOBS = ("*.nii.gz", "*.nii")
@@ -153,16 +153,7 @@ def read_case_image(
         DataError: a file is unreadable, the channel files are on different grids, or the case has another
             number of channels than the model.
     """
-    parts, reference = [], None
-    for file in case.files:
-        image, affine = load_nifti(file, "image")
-        grid = (file, image.shape[1:], affine)
-        if reference is None:
-            reference = grid
-        else:
-            check_same_grid(reference, grid, affine_tolerance)
-        parts.append(image)
-    image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    image, affine = stack_channel_files([(Path(f), "image") for f in case.files], affine_tolerance)
     if image.shape[0] != num_channels:
         found = f"{image.shape[0]} channel(s) in case {case.case_id!r} ({len(case.files)} file(s))"
         expected = f"{num_channels} channel(s) ({', '.join(channel_names)}), the model's input"
@@ -171,8 +162,7 @@ def read_case_image(
             "or one 4D file with channels last; or use a checkpoint trained on these channels"
         )
         raise DataError(problem(case.files[0], found, expected, fix))
-    assert reference is not None
-    return image, reference[2], _header(case.files[0])
+    return image, affine, _header(case.files[0])
 
 
 def _header(path: Path) -> nib.Nifti1Header:

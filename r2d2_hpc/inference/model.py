@@ -18,6 +18,7 @@ from torch import nn
 from r2d2_hpc.config import DataConfig
 from r2d2_hpc.errors import ConfigError, problem
 from r2d2_hpc.models import build_model
+from r2d2_hpc.models.blocks import state_dict_mismatch
 from r2d2_hpc.train.checkpoint import CheckpointError, load_checkpoint
 
 REQUIRED_INFO = (
@@ -164,28 +165,12 @@ def _load_weights(
     model: nn.Module, weights: dict[str, torch.Tensor], info: dict[str, Any], file: Path
 ) -> None:
     """Loads strictly; a mismatch names the first differing tensors and the model model_info describes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    reshaped = [
-        f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(weights))
-        if weights[k].shape != own[k].shape
-    ]
-    if missing or unexpected or reshaped:
-        parts = [
-            (f"{label} ({len(keys)}): " + ", ".join(keys[:3]))
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape mismatch", reshaped),
-            )
-            if keys
-        ]
+    mismatch = state_dict_mismatch(model, weights, shown=3)
+    if mismatch:
         described = (
             f"a {info['name']} ({info['spatial_dims']}D, {info['in_channels']} channel(s), "
             f"{info['num_classes']} classes, options {info['options']})"
         )
-        found = f"its weights do not fit {described}: " + "; ".join(parts)
+        found = f"its weights do not fit {described}: {mismatch}"
         raise CheckpointError(problem(file, found, "weights of the model that model_info describes", _FIX))
     model.load_state_dict(weights, strict=True)

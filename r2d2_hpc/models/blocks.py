@@ -208,10 +208,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, weights_path: str | Path) -> None:
-    """Loads a local state dict into ``model`` strictly; a mismatch raises ConfigError naming the file."""
-    path = Path(weights_path)
-    state = _read_state_dict(path)
+def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor], shown: int = 5) -> str:
+    """What keeps ``state`` from loading strictly into ``model`` ("" when it fits): missing, unexpected, reshaped."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -220,16 +218,19 @@ def load_weights(model: nn.Module, weights_path: str | Path) -> None:
         for k in sorted(set(own) & set(state))
         if state[k].shape != own[k].shape
     ]
-    if missing or unexpected or reshaped:
-        found = "; ".join(
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape mismatch", reshaped),
-            )
-            if keys
-        )
+    return "; ".join(
+        f"{label} ({len(keys)}): {', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped))
+        if keys
+    )
+
+
+def load_weights(model: nn.Module, weights_path: str | Path) -> None:
+    """Loads a local state dict into ``model`` strictly; a mismatch raises ConfigError naming the file."""
+    path = Path(weights_path)
+    state = _read_state_dict(path)
+    found = state_dict_mismatch(model, state)
+    if found:
         raise ConfigError(
             problem(
                 path,
