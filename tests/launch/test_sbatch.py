@@ -69,3 +69,48 @@ def test_rendered_config_rebuilds_the_same_run_config(tmp_path: Path) -> None:
         again = to_dataclass(RunConfig, compose("run"))
     assert again == cfg
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["train"]["max_steps"] == 7
+
+
+def test_hydra_multirun_over_models_gives_one_study_each(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from r2d2_hpc.config import DataConfig, PrepareConfig
+    from r2d2_hpc.data.prepare import run_prepare
+    from r2d2_hpc.data.synthetic import write_phantom_dataset
+
+    write_phantom_dataset(
+        tmp_path / "raw", num_cases=2, num_channels=1, num_classes=2, shape=(16, 16, 8), seed=0
+    )
+    run_prepare(
+        PrepareConfig(
+            data=DataConfig(name="msd", root=str(tmp_path / "raw")),
+            out=str(tmp_path / "shards"),
+            num_workers=0,
+            progress=False,
+        )
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "r2d2_hpc.launch",
+            "-m",
+            "model=unet,fcn",
+            "launcher=sbatch",
+            "study.scales=[1,2]",
+            f"data.shards={tmp_path / 'shards'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    studies = sorted((tmp_path / "runs").iterdir())
+    assert [p.name.split("-")[1] for p in studies] == ["fcn", "unet"]
+    for study in studies:
+        model = study.name.split("-")[1]
+        scripts = sorted(p.name for p in (study / "sbatch").glob("*.sbatch"))
+        assert scripts == [f"{model}-n1-r0.sbatch", f"{model}-n2-r0.sbatch"]
