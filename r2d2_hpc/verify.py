@@ -17,11 +17,10 @@ import h5py
 import numpy as np
 
 from r2d2_hpc.data.manifest import describe_read_error, manifest_problems, read_manifest, sha256_file
-from r2d2_hpc.data.types import SHARD_FORMAT, SHARD_VERSION
+from r2d2_hpc.data.types import IGNORE_INDEX, SHARD_FORMAT, SHARD_VERSION
 from r2d2_hpc.errors import ShardError
 
 _SLAB_BYTES = 64 << 20  # images are checked in slabs of about this size, so huge cases need little memory
-_IGNORE_INDEX = 255
 
 
 def verify(shard_dir: Path, check_sha256: bool = True) -> list[str]:
@@ -107,7 +106,7 @@ def _verify_case(group: h5py.Group, entry: dict[str, Any], num_classes: int) -> 
     counts = np.bincount(values.reshape(-1), minlength=num_classes)
     if len(counts) > num_classes:
         bad = sorted(int(v) for v in np.flatnonzero(counts[num_classes:]) + num_classes)
-        what = "255 (padding marker)" if bad == [_IGNORE_INDEX] else f"{bad[:10]}"
+        what = "255 (padding marker)" if bad == [IGNORE_INDEX] else f"{bad[:10]}"
         problems.append(f"label values {what} outside the {num_classes} classes")
     elif counts.tolist() != list(entry.get("voxels_per_class", [])):
         problems.append(

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from r2d2_hpc.data.types import IGNORE_INDEX
 from r2d2_hpc.errors import ConfigError
-
-IGNORE_INDEX = 255  # label of padded voxels; never a class, skipped by losses and metrics
 
 
 @dataclass

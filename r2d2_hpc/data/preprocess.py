@@ -45,10 +45,9 @@ import numpy as np
 from scipy import ndimage
 
 from r2d2_hpc.config import DataConfig
-from r2d2_hpc.data.types import DatasetInfo, PreparedCase, RawCase
+from r2d2_hpc.data.types import IGNORE_INDEX, DatasetInfo, PreparedCase, RawCase
 from r2d2_hpc.errors import ConfigError, DataError, problem
 
-IGNORE_INDEX = 255  # marks padding in samples; never a class
 _CHUNK_VOXELS = 1 << 20  # voxels per slab when statistics or label look-ups are streamed
 _SPACING_RTOL = 1e-5  # spacings closer than this (relative) to the target are not resampled
 

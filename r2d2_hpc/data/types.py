@@ -17,6 +17,7 @@ MANIFEST_FORMAT = "r2d2-manifest"
 MANIFEST_VERSION = 1
 SHARD_FORMAT = "r2d2-shard"
 SHARD_VERSION = 1
+IGNORE_INDEX = 255  # label of padded voxels in samples: never a class, skipped by losses and metrics
 
 
 @dataclass(frozen=True)
