@@ -27,19 +27,10 @@ FCN = ["model=fcn", "model.convs_per_stage=[1,1,1]", "model.base_width=4", "mode
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("ddp")
-    write_phantom_dataset(
-        base / "raw", num_cases=4, num_channels=2, num_classes=3, shape=(32, 32, 15), seed=1
+def shards(make_phantom_shards) -> Path:
+    return make_phantom_shards(
+        num_cases=4, num_channels=2, num_classes=3, shape=(32, 32, 15), seed=1, val_case="phantom_003"
     )
-    cfg = PrepareConfig(
-        data=DataConfig(name="msd", root=str(base / "raw"), val_cases=["phantom_003"]),
-        out=str(base / "shards"),
-        num_workers=0,
-        progress=False,
-    )
-    run_prepare(cfg)
-    return base / "shards"
 
 
 def _free_port() -> int:

@@ -9,10 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from r2d2_hpc.config import DataConfig, PrepareConfig
-from r2d2_hpc.data.prepare import run_prepare
-from r2d2_hpc.data.synthetic import write_phantom_dataset
-
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -30,18 +26,10 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("launch")
-    write_phantom_dataset(base / "raw", num_cases=3, num_channels=1, num_classes=3, shape=(32, 32, 9), seed=4)
-    run_prepare(
-        PrepareConfig(
-            data=DataConfig(name="msd", root=str(base / "raw"), val_cases=["phantom_002"]),
-            out=str(base / "shards"),
-            num_workers=0,
-            progress=False,
-        )
+def shards(make_phantom_shards) -> Path:
+    return make_phantom_shards(
+        num_cases=3, num_channels=1, num_classes=3, shape=(32, 32, 9), seed=4, val_case="phantom_002"
     )
-    return base / "shards"
 
 
 def _launch(args: list[str]) -> subprocess.CompletedProcess:

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r2d2_hpc.config import DataConfig, LaunchConfig, LauncherConfig, PrepareConfig, StudyConfig, TrainConfig
-from r2d2_hpc.data.prepare import run_prepare
-from r2d2_hpc.data.synthetic import write_phantom_dataset
+from r2d2_hpc.config import DataConfig, LaunchConfig, LauncherConfig, StudyConfig, TrainConfig
 from r2d2_hpc.jobs import TrainJob
 from r2d2_hpc.launch import slurm_executor, submit_slurm
 from r2d2_hpc.study import Study, model_configs, plan, run_config, wait_all
@@ -25,18 +23,10 @@ TINY_UNET = {"name": "unet", "spatial_dims": 2, "depth": 2, "base_width": 4}
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("slurm-data")
-    write_phantom_dataset(base / "raw", num_cases=3, num_channels=1, num_classes=3, shape=(32, 32, 9), seed=5)
-    run_prepare(
-        PrepareConfig(
-            data=DataConfig(name="msd", root=str(base / "raw"), val_cases=["phantom_002"]),
-            out=str(base / "shards"),
-            num_workers=0,
-            progress=False,
-        )
+def shards(make_phantom_shards) -> Path:
+    return make_phantom_shards(
+        num_cases=3, num_channels=1, num_classes=3, shape=(32, 32, 9), seed=5, val_case="phantom_002"
     )
-    return base / "shards"
 
 
 def _launch_config(slurm_cluster, shards: Path, study_dir: Path, **train: object) -> LaunchConfig:
