@@ -18,6 +18,7 @@ Each is compared with the single-rank U-Net run at the same number of optimizer 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -79,7 +80,15 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=300)
     parser.add_argument("--fcn-steps", type=int, default=400)
     parser.add_argument("--only", default="unet,fcn,strong,weak", help="parts: unet, fcn, strong, weak")
-    parser.add_argument("--work", type=Path, default=None, help="keep the run directories here (default: temporary)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the run directories here (default: temporary)"
+    )
+    parser.add_argument(
+        "--baseline-json",
+        type=Path,
+        default=None,
+        help="take the 1-rank U-Net run from this earlier accuracy.json instead of training it again",
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     shards = ensure_demo_shards(args.shards)
@@ -87,7 +96,9 @@ def main() -> None:
     batch = [f"train.global_batch={BATCH}"]
     with tempfile.TemporaryDirectory(prefix="r2d2-accuracy-") as tmp:
         work = args.work or Path(tmp)
-        if parts & {"unet", "strong", "weak"}:
+        if args.baseline_json is not None:
+            runs["unet_1rank"] = json.loads(args.baseline_json.read_text())["runs"]["unet_1rank"]
+        elif parts & {"unet", "strong", "weak"}:
             runs["unet_1rank"] = _run(work, "unet_1rank", shards, 1, UNET, args.unet_steps, batch)
         if "fcn" in parts:
             runs["fcn8s_1rank"] = _run(work, "fcn8s_1rank", shards, 1, FCN, args.fcn_steps, batch)
