@@ -9,6 +9,7 @@ repeats; the fitted model is dashed and its points beyond the measured scales ar
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,19 +123,31 @@ def _references(ax: Axes, refs: pd.DataFrame | None, column: str, horizontal: bo
     return xs
 
 
+def _scaling_axes(
+    scaling: pd.DataFrame,
+    curves: pd.DataFrame | None,
+    refs: pd.DataFrame | None,
+    metric: str,
+    horizontal_refs: bool,
+) -> tuple[Figure, Any, list]:
+    """A figure with the measured points, the fitted model and the references of one metric; the x values used."""
+    series = sorted(scaling["series"].unique())
+    fig, (ax,) = new_figure()
+    _measured(ax, scaling, metric, series)
+    _modelled(ax, curves, metric, series)
+    xs = list(scaling["world_size"]) + _references(ax, refs, metric, horizontal=horizontal_refs)
+    if curves is not None and not curves.empty:
+        xs += list(curves["world_size"])
+    return fig, ax, xs
+
+
 def plot_speedup(
     scaling: pd.DataFrame, curves: pd.DataFrame | None = None, refs: pd.DataFrame | None = None
 ) -> Figure | None:
     """Speedup against world size with the ideal line N / N0; None without two scales in some series."""
     if not _has_scaling(scaling):
         return None
-    series = sorted(scaling["series"].unique())
-    fig, (ax,) = new_figure()
-    _measured(ax, scaling, "speedup", series)
-    _modelled(ax, curves, "speedup", series)
-    xs = list(scaling["world_size"]) + _references(ax, refs, "speedup", horizontal=True)
-    if curves is not None and not curves.empty:
-        xs += list(curves["world_size"])
+    fig, ax, xs = _scaling_axes(scaling, curves, refs, "speedup", horizontal_refs=True)
     for ws0 in sorted(scaling["baseline_world_size"].unique()):
         grid = np.array(sorted({x for x in xs if x >= ws0}), dtype=float)
         ax.plot(grid, grid / ws0, "k:", linewidth=1, label=f"ideal (N / {ws0})")
@@ -151,13 +164,7 @@ def plot_efficiency(
     """Efficiency S(N) / (N / N0) against world size, with 1.0 marked."""
     if not _has_scaling(scaling):
         return None
-    series = sorted(scaling["series"].unique())
-    fig, (ax,) = new_figure()
-    _measured(ax, scaling, "efficiency", series)
-    _modelled(ax, curves, "efficiency", series)
-    xs = list(scaling["world_size"]) + _references(ax, refs, "efficiency", horizontal=False)
-    if curves is not None and not curves.empty:
-        xs += list(curves["world_size"])
+    fig, ax, xs = _scaling_axes(scaling, curves, refs, "efficiency", horizontal_refs=False)
     ax.axhline(1.0, color="k", linestyle=":", linewidth=1, label="ideal")
     _log2_x(ax, xs)
     ax.set_ylim(0, max(1.1, float(np.nanmax(scaling["efficiency_max"])) * 1.05))
