@@ -11,8 +11,10 @@ The scaling part measures the R2D2 paper's "accuracy loss" of distributed traini
 - strong scaling: the same global batch split over 2 ranks (the LR rules then change nothing: the global batch
   equals the reference batch), which isolates what data parallelism itself changes (per-rank batch Dice);
 - weak scaling: 2 ranks with the single-rank per-rank batch, so the global batch doubles, once per LR rule
-  (none, linear, sqrt) — the case where the rule matters.
-Each is compared with the single-rank U-Net run at the same number of optimizer steps.
+  (none, linear, sqrt) — the case where the rule matters. These runs take half the optimizer steps
+  (`--weak-steps`, default unet-steps / 2), so every run sees the same number of samples (epochs): the classic
+  large-batch comparison, where the LR rule has to make up for the fewer, larger steps.
+The strong run is compared with the single-rank U-Net at the same number of optimizer steps.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, default=REPO / "data/prepared/mni_tissue")
     parser.add_argument("--unet-steps", type=int, default=300)
     parser.add_argument("--fcn-steps", type=int, default=400)
+    parser.add_argument("--weak-steps", type=int, default=None, help="default: --unet-steps / 2")
     parser.add_argument("--only", default="unet,fcn,strong,weak", help="parts: unet, fcn, strong, weak")
     parser.add_argument(
         "--work", type=Path, default=None, help="keep the run directories here (default: temporary)"
@@ -115,7 +118,13 @@ def main() -> None:
                     f"train.lr_reference_batch={BATCH}",
                 ]
                 runs[f"unet_2rank_weak_{rule}"] = _run(
-                    work, f"unet_2rank_weak_{rule}", shards, 2, UNET, args.unet_steps, weak
+                    work,
+                    f"unet_2rank_weak_{rule}",
+                    shards,
+                    2,
+                    UNET,
+                    args.weak_steps or args.unet_steps // 2,
+                    weak,
                 )
     base = runs.get("unet_1rank")
     accuracy_loss = {}
