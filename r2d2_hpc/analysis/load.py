@@ -25,7 +25,7 @@ from r2d2_hpc.analysis.jsonl import EVAL_TYPES, LogError, RankLog, empty_steps, 
 from r2d2_hpc.errors import problem
 
 _RANK_FILE = re.compile(r"^rank(\d+)\.jsonl$")
-STUDY_VERSIONS = (1,)  # of study.json ("format": "r2d2-study"), written by r2d2_hpc.study
+STUDY_VERSIONS = (1,)  # of study.json ("format": "r2d2-study"), written by r2d2_hpc.launch.record
 PARALLEL_MIN_BYTES = 32 * 2**20  # below this, starting worker processes costs more than it saves
 
 

@@ -10,7 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from r2d2_hpc.config import CONF_DIR, LaunchConfig, RunConfig, register_configs, to_dataclass
-from r2d2_hpc.sbatch import render_config, render_script
+from r2d2_hpc.launch.sbatch import render_config, render_script
 
 GOLDEN = Path(__file__).parent / "golden"
 REFRESH = "R2D2_REFRESH_GOLDEN"

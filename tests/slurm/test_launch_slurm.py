@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from r2d2_hpc.config import DataConfig, LaunchConfig, LauncherConfig, StudyConfig, TrainConfig
-from r2d2_hpc.jobs import TrainJob
-from r2d2_hpc.launch import slurm_executor, submit_slurm
-from r2d2_hpc.study import Study, model_configs, plan, run_config, wait_all
+from r2d2_hpc.launch.executors import slurm_executor, submit_slurm
+from r2d2_hpc.launch.job import TrainJob
+from r2d2_hpc.launch.plan import model_configs, plan, run_config
+from r2d2_hpc.launch.record import Study, wait_all
 from r2d2_hpc.train.timing import read_jsonl
 
 pytestmark = pytest.mark.slurm

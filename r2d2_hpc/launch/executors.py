@@ -1,0 +1,120 @@
+"""Where a study's runs execute: local processes one after the other, or Slurm jobs through submitit."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from r2d2_hpc.config import LaunchConfig
+from r2d2_hpc.errors import LaunchError
+from r2d2_hpc.launch.job import TrainJob
+from r2d2_hpc.launch.record import Study, job_outcome
+
+log = logging.getLogger("r2d2_hpc.launch")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_executor(folder: Path, lc: LaunchConfig, world_size: int) -> Any:
+    import submitit
+
+    if lc.launcher.name == "debug":
+        if world_size != 1:
+            raise LaunchError(
+                f"launcher=debug runs in this process, so only 1 rank; study.scales asks for "
+                f"{world_size}. Fix: launcher=local, or study.scales=[1]"
+            )
+        return submitit.DebugExecutor(folder=folder)
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(tasks_per_node=world_size, nodes=1, timeout_min=lc.launcher.time_min)
+    return executor
+
+
+def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int, tasks_per_node: int) -> Any:
+    """A submitit SlurmExecutor with the launcher's parameters (one task per GPU, or CPU ranks)."""
+    import submitit
+
+    lp = lc.launcher
+    params: dict[str, Any] = {
+        "time": lp.time_min,
+        "nodes": nodes,
+        "ntasks_per_node": tasks_per_node,
+        "cpus_per_task": lp.cpus_per_task,
+        "signal_delay_s": lp.signal_delay_s,
+        "setup": list(lp.setup),
+        "additional_parameters": {"requeue": True, **lp.extra_sbatch},
+        "job_name": "r2d2",
+    }
+    if lp.gpus_per_node:
+        params["gpus_per_node"] = lp.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(lp, key):
+            params[key] = getattr(lp, key)
+    if lp.mem_gb:
+        params["mem"] = f"{int(lp.mem_gb)}GB"
+    if lp.exclusive:
+        params["exclusive"] = True
+    executor = submitit.SlurmExecutor(
+        folder=folder, python=lp.python or sys.executable, max_num_timeout=lp.max_requeues
+    )
+    executor.update_parameters(**params)
+    return executor
+
+
+def run_local(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> None:
+    """Runs one run at a time (a small machine: concurrent runs would distort every timing)."""
+    for run in study.runs:
+        if run.state == "COMPLETED":
+            continue
+        executor = _local_executor(study.dir / "jobs", lc, run.world_size)
+        job = executor.submit(TrainJob(configs[run.name], lc.launcher.max_requeues, master_port=_free_port()))
+        run.job_id, run.state = str(job.job_id), "RUNNING"
+        study.save()
+        log.info("%s: %d rank(s) ...", run.name, run.world_size)
+        run.state, run.error = job_outcome(job)
+        study.save()
+        if run.error:
+            log.error("%s failed: %s", run.name, run.error.splitlines()[0])
+
+
+def submit_slurm(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> dict[str, Any]:
+    """Submits every run at once; runs with equal executor parameters go in one array."""
+    groups: dict[tuple[int, int], list] = defaultdict(list)
+    for run in study.runs:
+        groups[(run.nodes, run.world_size // run.nodes)].append(run)
+    jobs = {}
+    for (nodes, tasks_per_node), runs in groups.items():
+        executor = slurm_executor(study.dir / "jobs", lc, nodes, tasks_per_node)
+        with executor.batch():
+            pending = [
+                (run, executor.submit(TrainJob(configs[run.name], lc.launcher.max_requeues))) for run in runs
+            ]
+        for run, job in pending:
+            run.job_id, run.state = str(job.job_id), "SUBMITTED"
+            jobs[run.name] = job
+    study.save()
+    return jobs
+
+
+def reattach(study: Study) -> dict[str, Any]:
+    """submitit job handles of a Slurm study's unfinished runs."""
+    import submitit
+
+    if study.meta.get("launcher") != "slurm":
+        raise LaunchError(
+            f"{study.dir}: a {study.meta.get('launcher')} study cannot be re-attached (its processes "
+            "ended with the launcher). Fix: launch it again; finished runs are kept (resume=auto)"
+        )
+    return {
+        r.name: submitit.SlurmJob(folder=study.dir / "jobs", job_id=r.job_id)
+        for r in study.runs
+        if r.job_id and r.state not in ("COMPLETED", "FAILED", "CANCELLED")
+    }

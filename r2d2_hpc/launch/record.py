@@ -1,0 +1,161 @@
+"""A study: the runs of models x scales x repeats, their jobs, and ``study.json`` that lets anyone re-attach.
+
+``study.json`` (format "r2d2-study", version 1) is rewritten atomically whenever a job changes state; it records
+for every run its name, model, nodes, world size, repeat, run directory (relative to the study directory), job id,
+state and, for a failed job, the tail of its stderr. The analysis reads it to list failed runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from r2d2_hpc.errors import LaunchError
+
+STUDY_FILE = "study.json"
+
+STUDY_FORMAT, STUDY_VERSION = "r2d2-study", 1
+
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "INTERRUPTED",
+    "LOST",
+}
+
+
+@dataclass
+class StudyRun:
+    """One run of the study and its job."""
+
+    name: str
+    model: str
+    nodes: int
+    world_size: int  # ranks: nodes x tasks per node
+    repeat: int
+    run_dir: str  # relative to the study directory
+    job_id: str | None = None
+    state: str = "PLANNED"
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Study:
+    """The study directory and its ``study.json``."""
+
+    def __init__(self, directory: Path, runs: list[StudyRun], meta: dict[str, Any]) -> None:
+        self.dir = directory
+        self.runs = runs
+        self.meta = meta
+
+    @classmethod
+    def create(cls, directory: Path, runs: list[StudyRun], launcher: str, config: dict[str, Any]) -> Study:
+        if (directory / STUDY_FILE).exists():
+            raise LaunchError(
+                f"{directory / STUDY_FILE} already exists: this study was submitted before. "
+                f"Fix: re-attach with study.attach={directory}, or choose another study.dir"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": STUDY_FORMAT,
+            "format_version": STUDY_VERSION,
+            "launcher": launcher,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config": config,
+        }
+        study = cls(directory, runs, meta)
+        study.save()
+        return study
+
+    @classmethod
+    def load(cls, directory: Path) -> Study:
+        path = directory / STUDY_FILE
+        if not path.is_file():
+            raise LaunchError(
+                f"{path} does not exist; expected the study.json of a submitted study. "
+                "Fix: point study.attach at the study directory printed at submission"
+            )
+        data = json.loads(path.read_text())
+        if data.get("format") != STUDY_FORMAT or data.get("format_version") != STUDY_VERSION:
+            raise LaunchError(
+                f"{path}: format {data.get('format')!r} version {data.get('format_version')!r}; "
+                f"expected {STUDY_FORMAT!r} version {STUDY_VERSION}. Fix: use the r2d2_hpc version "
+                "that wrote it"
+            )
+        runs = [StudyRun(**r) for r in data.pop("runs")]
+        return cls(directory, runs, data)
+
+    def save(self) -> None:
+        path = self.dir / STUDY_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(
+            json.dumps(self.meta | {"runs": [asdict(r) for r in self.runs]}, indent=1, default=str)
+        )
+        os.replace(tmp, path)
+
+    def summary(self) -> str:
+        lines = [
+            f"{r.name:<24} {r.state:<10} job {r.job_id or '-':<10} {r.error.splitlines()[-1] if r.error else ''}"
+            for r in self.runs
+        ]
+        return "\n".join(lines)
+
+
+def job_outcome(job: Any) -> tuple[str, str | None]:
+    """Waits for a submitit job; returns (state, error text or None)."""
+    try:
+        job.results()  # one result per task (rank)
+        return "COMPLETED", None
+    except Exception as exc:  # submitit raises its own failure types carrying the job's traceback
+        state = _job_state(job)
+        tail = _stderr_tail(job)
+        message = f"{type(exc).__name__}: {str(exc).strip()[-1500:]}"
+        # The scheduler may still say RUNNING/PENDING (accounting lag) or FINISHED (local): the job failed.
+        failed_state = state if state in FINISHED - {"COMPLETED"} else "FAILED"
+        return failed_state, message + (f"\n--- stderr tail ---\n{tail}" if tail else "")
+
+
+def _job_state(job: Any) -> str:
+    try:
+        return str(job.state).split()[0]
+    except (
+        Exception
+    ):  # the scheduler may not answer (accounting lag); the error text still says what happened
+        return "FAILED"
+
+
+def _stderr_tail(job: Any, lines: int = 25) -> str:
+    try:
+        text = job.stderr() or ""
+    except Exception:  # no stderr file (the job never started)
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def wait_all(study: Study, jobs: dict[str, Any], poll_s: float = 2.0) -> None:
+    """Waits for every job (submitted at once, e.g. on Slurm), updating study.json as they finish."""
+    pending = {name: job for name, job in jobs.items()}
+    by_name = {r.name: r for r in study.runs}
+    while pending:
+        for name, job in list(pending.items()):
+            if job.done():
+                run = by_name[name]
+                run.state, run.error = job_outcome(job)
+                del pending[name]
+                study.save()
+            elif by_name[name].state == "SUBMITTED":
+                by_name[name].state = _job_state(job)
+        if pending:
+            time.sleep(poll_s)
