@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +215,77 @@ def _load_one(path: Path, expected_hash: str | None, map_location: Any) -> dict[
             problem(path, found, "a checkpoint of this run's settings", "use a new run_dir, or " + _FIX)
         )
     return state
+
+
+@dataclass
+class TrainingParts:
+    """What a checkpoint saves and restores in place: the unwrapped model, its optimizer, scheduler and scaler."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any | None = None
+
+
+def training_state(
+    parts: TrainingParts,
+    *,
+    step: int,
+    epoch: int,
+    offset: int,
+    seed: int,
+    rng: list[dict[str, Any]] | None,
+    config_hash: str,
+    model_info: dict[str, Any],
+    world_size: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The dict :func:`save_checkpoint` writes (format version 1; see the module docstring)."""
+    return {
+        "format": FORMAT,
+        "format_version": VERSION,
+        "step": step,
+        "epoch": epoch,
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.scaler else None,
+        "sampler": {"epoch": epoch, "offset": offset, "seed": seed},
+        "rng": rng,
+        "config_hash": config_hash,
+        "model_info": model_info,
+        "world_size": world_size,
+        "extra": extra,
+    }
+
+
+def restore_training_state(parts: TrainingParts, state: dict[str, Any], env: DistEnv, path: Path) -> int:
+    """Loads ``state`` into ``parts`` and this rank's RNG streams; returns the checkpoint's step.
+
+    The RNG state of this rank is restored only when the checkpoint was written with the same number of ranks;
+    otherwise data order and RNG streams restart (logged as a warning).
+    """
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if parts.scaler is not None and state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
+    if state.get("world_size") == env.world_size and state.get("rng"):
+        restore_rng_state(state["rng"][env.rank])
+    else:
+        log.warning(
+            "%s was written with %s ranks, this run has %d: data order and RNG streams restart",
+            path,
+            state.get("world_size"),
+            env.world_size,
+        )
+    return int(state["step"])
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer: equal digests on all ranks prove they hold the same model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

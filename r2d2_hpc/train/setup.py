@@ -7,6 +7,7 @@ import json
 import os
 import random
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,3 +104,19 @@ def run_config_hash(cfg: RunConfig) -> str:
         "train": {k: train[k] for k in _HASHED_TRAIN_KEYS},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plain_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as plain JSON values (what ``config.json`` and a checkpoint's ``extra`` hold)."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def write_run_config(cfg: RunConfig) -> Path:
+    """Writes ``run_dir/config.json`` atomically (a temporary name, then a rename)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(plain_config(cfg), indent=2, default=str))
+    os.replace(tmp, path)
+    return path

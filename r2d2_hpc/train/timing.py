@@ -8,6 +8,8 @@ Each line is one JSON object with a ``type``:
 - ``eval``: step, epoch, dice_per_class, wall_s (since the run started), plus any extra fields.
 - ``end``: step, time, plus any extra fields (status, a weights hash), written when this rank stops.
 
+The header and ``result.json`` of a training run are built here too (:func:`training_header`, :func:`run_result`).
+
 Non-finite floats (a NaN loss, the Dice of an absent class) are written as ``null`` so every line is strict JSON.
 Lines are buffered and written every ~1 s or 50 lines, so logging costs a step nothing noticeable.
 """
@@ -19,17 +21,21 @@ import json
 import math
 import os
 import platform
+import resource
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from r2d2_hpc.config import TrainConfig
 from r2d2_hpc.errors import R2D2Error, problem
 from r2d2_hpc.train.dist import DistEnv
+from r2d2_hpc.train.metrics import mean_foreground_dice
 
 SCHEMA = 1
 FLUSH_EVERY_S = 1.0
@@ -228,6 +234,128 @@ def run_header(
     }
 
 
+def training_header(
+    env: DistEnv,
+    run_id: str,
+    tc: TrainConfig,
+    model_info: dict[str, Any],
+    global_batch: int,
+    lr_peak: float,
+    num_samples: tuple[int, int],
+    resumed_at_step: int | None,
+) -> dict[str, Any]:
+    """:func:`run_header` of a training run: the model, its batch split, the schedule and the data sizes.
+
+    Args:
+        num_samples: (training samples, validation samples).
+        resumed_at_step: the checkpoint's step when the run resumed, else None.
+    """
+    micro = tc.micro_batch(env.world_size)
+    extra = {
+        "resumed_at_step": resumed_at_step,
+        "max_steps": tc.max_steps,
+        "micro_batch": micro,
+        "grad_accum": tc.grad_accum,
+        "lr_peak": lr_peak,
+        "spatial_dims": model_info["spatial_dims"],
+        "num_params": model_info["num_params"],
+        "flops_per_sample": model_info["flops_per_sample"],
+        "grad_bytes": model_info["num_params"] * 4,
+        "dataset": model_info["dataset"],
+        "train_samples": num_samples[0],
+        "val_samples": num_samples[1],
+    }
+    return run_header(
+        env,
+        run_id,
+        model_info["name"],
+        micro * tc.grad_accum,
+        global_batch,
+        tc.scaling,
+        tc.lr_scaling,
+        tc.amp,
+        extra,
+    )
+
+
+@dataclass
+class Throughput:
+    """Running sums over the steps after the warm-up: what ``result.json`` reports, without re-reading the log."""
+
+    warmup_steps: int
+    step_s: float = 0.0
+    data_wait_s: float = 0.0
+    samples: int = 0
+
+    def add(self, step: int, data_wait_s: float, step_s: float, samples: int) -> None:
+        """Counts optimizer step ``step`` (1-based) unless it is one of the first ``warmup_steps``."""
+        if step > self.warmup_steps:
+            self.step_s += step_s
+            self.data_wait_s += data_wait_s
+            self.samples += samples
+
+    def samples_per_s(self) -> float | None:
+        return self.samples / self.step_s if self.step_s > 0 else None
+
+    def data_wait_share(self) -> float | None:
+        return self.data_wait_s / self.step_s if self.step_s > 0 else None
+
+
+def run_result(
+    status: str,
+    run_id: str,
+    env: DistEnv,
+    tc: TrainConfig,
+    model_info: dict[str, Any],
+    steps: int,
+    throughput: Throughput,
+    dice_per_class: list[float],
+    class_names: list[str],
+    wall_s: float,
+) -> dict[str, Any]:
+    """The run's ``result.json`` (the same dict on every rank but for peak memory and wall time)."""
+    mean_fg = mean_foreground_dice(dice_per_class) if dice_per_class else math.nan
+    return {
+        "status": status,
+        "run_id": run_id,
+        "model": model_info["name"],
+        "world_size": env.world_size,
+        "num_nodes": env.num_nodes,
+        "scaling": tc.scaling,
+        "global_batch": tc.effective_global_batch(env.world_size),
+        "steps": steps,
+        "max_steps": tc.max_steps,
+        "throughput_samples_per_s": throughput.samples_per_s(),
+        "timing_warmup_steps": tc.timing_warmup_steps,
+        "data_wait_share": throughput.data_wait_share(),
+        "dice_per_class": dice_per_class,
+        "mean_foreground_dice": mean_fg if math.isfinite(mean_fg) else None,
+        "class_names": class_names,
+        "peak_memory_gib": peak_memory_gib(torch.device(env.device)),
+        "wall_s": wall_s,
+        "num_params": model_info["num_params"],
+        "flops_per_sample": model_info["flops_per_sample"],
+        "device": env.device,
+        "backend": env.backend,
+    }
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Writes ``run_dir/result.json`` atomically (a temporary name, then a rename)."""
+    path = Path(run_dir) / "result.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device``, or this process' peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+
+
 def device_name(device: str) -> str:
     """The GPU's name for ``cuda:<i>``, else the CPU model from /proc/cpuinfo."""
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -262,46 +390,3 @@ def git_sha() -> str | None:
         return None
     sha = out.stdout.strip()
     return sha if out.returncode == 0 and len(sha) == 40 else None
-
-
-class StepTimer:
-    """Splits each step into data wait and compute; synchronises CUDA before every clock read.
-
-    Call ``data_ready()`` when a batch has arrived and ``compute_done()`` when its work is finished (once per
-    micro-batch with gradient accumulation; the parts add up), then ``lap()`` at the end of the step. Call
-    ``reset()`` after work that belongs to no step (evaluation, a checkpoint) so it is not counted as data wait.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.reset()
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def reset(self) -> None:
-        """Starts a new step now, forgetting what was measured since the last lap."""
-        self._start = self._mark = self._now()
-        self._data_wait_s = self._compute_s = 0.0
-
-    def data_ready(self) -> None:
-        """A batch is here: the time since the last mark was spent waiting for data."""
-        now = self._now()
-        self._data_wait_s += now - self._mark
-        self._mark = now
-
-    def compute_done(self) -> None:
-        """The batch's forward/backward/optimizer work has finished on the device."""
-        now = self._now()
-        self._compute_s += now - self._mark
-        self._mark = now
-
-    def lap(self) -> tuple[float, float, float]:
-        """Ends the step; returns ``(data_wait_s, compute_s, step_s)`` and starts the next step."""
-        now = self._now()
-        result = (self._data_wait_s, self._compute_s, now - self._start)
-        self._start = self._mark = now
-        self._data_wait_s = self._compute_s = 0.0
-        return result

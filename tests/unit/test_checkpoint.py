@@ -199,3 +199,65 @@ def test_gather_single_process() -> None:
     torch.manual_seed(5)
     states = ckpt.gather_rng_states(env)
     assert len(states) == 1 and torch.equal(states[0]["torch"], torch.get_rng_state())
+
+
+def _parts(seed: int) -> ckpt.TrainingParts:
+    torch.manual_seed(seed)
+    model = torch.nn.Conv2d(2, 3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return ckpt.TrainingParts(model, opt, sched, None)
+
+
+def test_training_state_round_trip_restores_parts_and_rng(tmp_path: Path) -> None:
+    trained = _parts(0)
+    trained.model(torch.ones(1, 2, 5, 5)).sum().backward()
+    trained.optimizer.step()
+    trained.scheduler.step()
+    env = DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, 1, "gloo", "cpu", "single", None)
+    state = ckpt.training_state(
+        trained,
+        step=7,
+        epoch=1,
+        offset=12,
+        seed=3,
+        rng=[ckpt.capture_rng_state()],
+        config_hash=HASH,
+        model_info={"name": "unet"},
+        world_size=1,
+        extra={"last_dice": [0.5]},
+    )
+    expected_next = torch.rand(3)
+    path = save_checkpoint(tmp_path, state)
+    loaded, _ = load_checkpoint(tmp_path, HASH)
+    assert loaded["sampler"] == {"epoch": 1, "offset": 12, "seed": 3}
+    fresh = _parts(1)
+    assert ckpt.weights_digest(fresh.model) != ckpt.weights_digest(trained.model)
+    assert ckpt.restore_training_state(fresh, loaded, env, path) == 7
+    assert ckpt.weights_digest(fresh.model) == ckpt.weights_digest(trained.model)
+    assert fresh.scheduler.last_epoch == 1 and fresh.optimizer.state_dict()["state"]
+    torch.testing.assert_close(torch.rand(3), expected_next)  # this rank's RNG stream continues
+
+
+def test_restore_with_another_world_size_keeps_the_rng(caplog: pytest.LogCaptureFixture) -> None:
+    parts = _parts(0)
+    state = ckpt.training_state(
+        parts,
+        step=2,
+        epoch=0,
+        offset=4,
+        seed=0,
+        rng=[ckpt.capture_rng_state()] * 2,
+        config_hash=HASH,
+        model_info={},
+        world_size=2,
+        extra={},
+    )
+    env = DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, 1, "gloo", "cpu", "single", None)
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.restore_training_state(parts, state, env, Path("x.pt")) == 2
+    torch.testing.assert_close(torch.rand(2), expected)
+    assert "written with 2 ranks, this run has 1" in caplog.text

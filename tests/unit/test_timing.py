@@ -15,7 +15,8 @@ import torch
 from r2d2_hpc.errors import R2D2Error
 from r2d2_hpc.train import timing
 from r2d2_hpc.train.dist import DistEnv
-from r2d2_hpc.train.timing import StepTimer, TimingLog, read_jsonl, run_header
+from r2d2_hpc.train.steptimer import StepTimer
+from r2d2_hpc.train.timing import TimingLog, read_jsonl, run_header
 
 ENV = DistEnv(1, 2, 1, 2, "127.0.0.1", 29500, 1, "gloo", "cpu", "slurm", "4711")
 
@@ -183,3 +184,46 @@ def test_step_timer_splits_wait_and_compute() -> None:
     data_wait_s, compute_s, step_s = timer.lap()
     assert 0.038 <= data_wait_s < 0.4 and 0.078 <= compute_s < 0.6  # without the 0.5 s before reset()
     assert data_wait_s + compute_s <= step_s < 1.0
+
+
+def test_throughput_skips_the_warmup_steps() -> None:
+    meter = timing.Throughput(warmup_steps=2)
+    for step in range(1, 6):  # steps 1 and 2 are slow warm-up steps and must not count
+        meter.add(step, data_wait_s=0.1 * step, step_s=10.0 if step <= 2 else 0.5, samples=16)
+    assert meter.samples == 48 and meter.step_s == pytest.approx(1.5)
+    assert meter.samples_per_s() == pytest.approx(32.0)
+    assert meter.data_wait_share() == pytest.approx((0.3 + 0.4 + 0.5) / 1.5)
+    assert timing.Throughput(warmup_steps=5).samples_per_s() is None
+
+
+def test_run_result_and_training_header(tmp_path: Path) -> None:
+    from r2d2_hpc.config import TrainConfig
+
+    tc = TrainConfig(global_batch=16, grad_accum=2, max_steps=30, timing_warmup_steps=1)
+    info = {"name": "unet", "spatial_dims": 2, "num_params": 1000, "flops_per_sample": 5e6, "dataset": "d"}
+    header = timing.training_header(ENV, "run-7", tc, info, 16, 0.02, (40, 8), resumed_at_step=10)
+    assert (header["micro_batch"], header["batch_per_rank"], header["grad_accum"]) == (4, 8, 2)
+    assert (header["resumed_at_step"], header["grad_bytes"], header["train_samples"]) == (10, 4000, 40)
+    meter = timing.Throughput(1)
+    meter.add(2, 0.0, 0.25, 16)
+    result = timing.run_result(
+        "completed", "run-7", ENV, tc, info, 30, meter, [0.9, float("nan")], ["bg", "x"], 3.0
+    )
+    assert result["throughput_samples_per_s"] == pytest.approx(64.0)
+    assert result["mean_foreground_dice"] is None and result["global_batch"] == 16 and result["steps"] == 30
+    path = timing.write_result(tmp_path, {**result, "dice_per_class": [0.9]})
+    assert json.loads(path.read_text())["run_id"] == "run-7" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_progress_logs_every_n_steps(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from r2d2_hpc.train.progress import Progress
+
+    bar = Progress(total=25, start=0, enabled=True, log_every_steps=10)
+    bar.bar = None  # pytest's stderr may be a terminal; the log-line path is the one under test
+    with caplog.at_level(logging.INFO, logger="r2d2_hpc.train.loop"):
+        for step in range(1, 26):
+            bar.update(step, 1.0, 0.1)
+    assert [r.getMessage().split("/")[0] for r in caplog.records] == ["step 10", "step 20", "step 25"]
+    assert not Progress(25, 0, enabled=True, log_every_steps=0).due(20)
