@@ -26,6 +26,10 @@ class ShardError(R2D2Error):
     """A prepared shard set (HDF5 shards + manifest.json) is incomplete, corrupt or of an unknown version."""
 
 
+class DiskError(R2D2Error):
+    """A file could not be written: no space left, a quota, a read-only file system or no permission."""
+
+
 class LaunchError(R2D2Error):
     """A job could not be submitted, or failed in a way the launcher can describe."""
 

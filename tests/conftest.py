@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,48 @@ def make_phantom_shards(tmp_path_factory: pytest.TempPathFactory) -> MakeShards:
         return made[key]
 
     return make
+
+
+class Tmpfs:
+    """A real tmpfs mounted at ``path`` (a small disk that fills up); ``resize`` remounts it with another size."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mounted = False
+
+    def mount(self, size: str, read_only: bool = False) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        options = f"size={size}" + (",ro" if read_only else "")
+        self._mount("-t", "tmpfs", "-o", options, "tmpfs", str(self.path))
+        self.mounted = True
+        return self.path
+
+    def resize(self, size: str) -> None:
+        self._mount("-o", f"remount,size={size}", str(self.path))
+
+    def unmount(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], check=False, capture_output=True)
+            self.mounted = False
+
+    @staticmethod
+    def _mount(*args: str) -> None:
+        done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise OSError(f"mount {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
+    """A tmpfs to mount (CI runs the tests as root); skipped, with the reason printed, where mounting is refused."""
+    if os.geteuid() != 0:
+        pytest.skip("a small disk needs `mount -t tmpfs`, which needs root (CI runs the tests as root)")
+    probe = Tmpfs(tmp_path / "probe-mount")
+    try:
+        probe.mount("64k")
+    except OSError as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc}); CI runs the tests as root where it can")
+    probe.unmount()
+    fs = Tmpfs(tmp_path / "small-disk")
+    yield fs
+    fs.unmount()

@@ -19,6 +19,7 @@ import h5py
 import hdf5plugin  # noqa: F401  registers the lz4/zstd filters so that shards written with them can be decoded
 import numpy as np
 
+from r2d2_hpc.atomic import write_text
 from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from r2d2_hpc.errors import ShardError, problem
 
@@ -57,20 +58,6 @@ def sha256_file(path: str | Path, chunk_mib: float = 8) -> str:
         while block := fh.read(int(chunk_mib * 2**20)):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def manifest_problems(manifest: dict[str, Any]) -> list[str]:
@@ -134,15 +121,9 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
                 "this is a bug in the code that built the manifest; please report it",
             )
         )
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=1, default=_json_default)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(out_dir)
-    return path
+    text = json.dumps(manifest, indent=1, default=_json_default) + "\n"
+    fix = "run prepare again: the shards are complete, only the manifest is missing"
+    return write_text(path, text, "the manifest (written last: without it the new shards are not used)", fix)
 
 
 def _json_default(value: Any) -> Any:

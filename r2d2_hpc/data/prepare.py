@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -30,17 +29,19 @@ from typing import Any
 import numpy as np
 
 import r2d2_hpc
+from r2d2_hpc.atomic import check_writable, disk_guard, write_text
 from r2d2_hpc.config import DataConfig, PrepareConfig, ShardConfig
 from r2d2_hpc.data.manifest import read_manifest, sha256_file, write_manifest
 from r2d2_hpc.data.preprocess import preprocess
 from r2d2_hpc.data.shards import ShardReader, ShardWriter
 from r2d2_hpc.data.sources import Source, build_source
 from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, CaseRef, PreparedCase
-from r2d2_hpc.errors import DataError, R2D2Error, ShardError
+from r2d2_hpc.errors import DataError, DiskError, R2D2Error, ShardError
 
 log = logging.getLogger(__name__)
 
 STAGING = ".staging"
+RERUN_FIX = "run prepare again: cases already staged are not redone, and the manifest is written last"
 # Staging files are an internal cache: lossless float32 and a fast codec, whatever the final storage is.
 _STAGING_SHARDS = ShardConfig(compression="lz4", image_dtype="float32", target_shard_mib=1e9)
 
@@ -111,9 +112,11 @@ def _stage_case(
                 return record | {"origin": "staging"}
     raw = source.load(ref)
     case = preprocess(raw, cfg, source.info)
-    with ShardWriter(
-        staging, ref.case_id, _STAGING_SHARDS, layout_of(cfg), len(source.info.class_names)
-    ) as w:
+    what = f"the staging file of case {ref.case_id!r}"
+    with (
+        disk_guard(staging, what, RERUN_FIX, case.image.size * 4 + case.label.size),
+        ShardWriter(staging, ref.case_id, _STAGING_SHARDS, layout_of(cfg), len(source.info.class_names)) as w,
+    ):
         entry = w.add(case)
     record = {
         "case_id": ref.case_id,
@@ -123,17 +126,8 @@ def _stage_case(
         "settings_hash": s_hash,
         "split": ref.split,
     }
-    _atomic_write_text(sidecar, json.dumps(record))
+    write_text(sidecar, json.dumps(record), f"the staging record of case {ref.case_id!r}", RERUN_FIX)
     return record | {"origin": "new"}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _old_manifest(out: Path) -> dict[str, Any] | None:
@@ -197,6 +191,8 @@ def _run_workers(
         for ref in refs:
             try:
                 records.append(_stage_case(source, ref, *args))
+            except DiskError:
+                raise  # one message for a full disk, not one per remaining case
             except R2D2Error as exc:
                 errors.append(f"case {ref.case_id}: {exc}")
             bar.update(1)
@@ -209,6 +205,9 @@ def _run_workers(
             for fut in as_completed(futures):
                 try:
                     records.append(fut.result())
+                except DiskError:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
                 except R2D2Error as exc:
                     errors.append(f"case {futures[fut].case_id}: {exc}")
                 bar.update(1)
@@ -265,6 +264,34 @@ def _pack(
 ) -> tuple[list[dict], dict[str, dict]]:
     """Writes the new generation of shards from staged cases and the old shard set."""
     generation = uuid.uuid4().hex[:12]  # unique per run, so a new set never overwrites the old one
+    try:
+        with disk_guard(out, "the new shards", RERUN_FIX, _pack_bytes(cfg, records)):
+            return _write_generation(cfg, out, staging, records, old, num_classes, generation)
+    except BaseException:
+        # Shards of an unfinished generation are in no manifest: drop them, a rerun writes a new generation.
+        for path in out.glob(f"shard-{generation}-*"):
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _pack_bytes(cfg: PrepareConfig, records: list[dict[str, Any]]) -> int | None:
+    """About the bytes of the new shards before compression (image and label of every staged case)."""
+    itemsize = np.dtype(cfg.storage.image_dtype).itemsize
+    shapes = [r["entry"]["shape"] for r in records if "entry" in r]
+    if len(shapes) < len(records):
+        return None  # cases taken from the old shards: their size is not at hand here
+    return sum(int(np.prod(s)) * itemsize + int(np.prod(s[1:])) for s in shapes)
+
+
+def _write_generation(
+    cfg: PrepareConfig,
+    out: Path,
+    staging: Path,
+    records: list[dict[str, Any]],
+    old: dict | None,
+    num_classes: int,
+    generation: str,
+) -> tuple[list[dict], dict[str, dict]]:
     old_reader = ShardReader(out, manifest=old) if old is not None else None
     cases: dict[str, dict[str, Any]] = {}
     with ShardWriter(out, f"shard-{generation}", cfg.storage, layout_of(cfg.data), num_classes) as writer:
@@ -325,7 +352,9 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     """Prepares ``cfg.data`` into ``cfg.out``; returns the path of the manifest."""
     out = Path(cfg.out)
     staging = out / STAGING
-    staging.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "the shard folder (prepare.out)", RERUN_FIX)
+    with disk_guard(out, "the staging folder", RERUN_FIX):
+        staging.mkdir(parents=True, exist_ok=True)
     source = build_source(cfg.data)
     refs = source.cases()
     if not refs:

@@ -16,6 +16,7 @@ every chunk is a separate request, so fewer, larger chunks win. Compressed image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -26,8 +27,9 @@ import h5py
 import hdf5plugin  # registers the lz4/zstd filters, so every reader that imports this module can decode them
 import numpy as np
 
+from r2d2_hpc.atomic import fsync_dir
 from r2d2_hpc.config import ShardConfig
-from r2d2_hpc.data.manifest import ShardReader, fsync_dir, sha256_file
+from r2d2_hpc.data.manifest import ShardReader, sha256_file
 from r2d2_hpc.data.types import SHARD_FORMAT, SHARD_VERSION, PreparedCase
 from r2d2_hpc.errors import ConfigError, ShardError, problem
 
@@ -227,7 +229,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drops the shard being written (its ``.tmp`` file); finished shards stay."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(
+                OSError
+            ):  # a full disk fails the close's flush too: drop the file anyway
+                self._file.close()
             self._file = None
             (self.out_dir / f"{self._name}.tmp").unlink(missing_ok=True)
         self._closed = True

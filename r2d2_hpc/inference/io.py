@@ -25,11 +25,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from r2d2_hpc import atomic
+from r2d2_hpc.atomic import atomic_write
 from r2d2_hpc.data.nifti import stack_channel_files, strip_nifti_suffix
 from r2d2_hpc.errors import DataError, problem
 
 NIFTI_GLOBS = ("*.nii.gz", "*.nii")
 _MAX_LISTED = 10
+
+
+PREDICT_FIX = "run predict again (the masks written so far are complete)"
 
 
 @dataclass(frozen=True)
@@ -192,13 +197,11 @@ def save_nifti_like(
 
     ``affine`` is the input's own, so nibabel keeps the header's qform and sform (and their codes) as they are.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(
         data, np.asarray(affine, dtype=np.float64), _output_header(header, data.dtype, description)
     )
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # same suffix: nibabel picks the format by it
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, f"the {description} {path.name}", PREDICT_FIX, data.nbytes) as tmp:
+        nib.save(image, tmp)  # the temporary name keeps the suffix: nibabel picks the format by it
     return path
 
 
@@ -259,7 +262,4 @@ def find_references(labels: str | Path, case_ids: list[str]) -> dict[str, Path]:
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
     """Writes JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic.write_json(path, content, f"the record {path.name}", PREDICT_FIX, indent=2, default=str)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from r2d2_hpc.atomic import atomic_write
 from r2d2_hpc.errors import R2D2Error
 
 METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "surface_dice")
@@ -206,13 +206,13 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
     """Writes ``rows`` atomically; floats in full precision (``repr``), NaN as ``nan`` and inf as ``inf``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
-    with open(tmp, "w", newline="") as fh:
+    with (
+        atomic_write(path, f"the metrics table {path.name}", "run predict again") as tmp,
+        open(tmp, "w", newline="") as fh,
+    ):
         writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from r2d2_hpc.atomic import check_writable
 from r2d2_hpc.data.nifti import check_same_grid, load_nifti
 from r2d2_hpc.data.preprocess import remap_labels
-from r2d2_hpc.errors import R2D2Error
+from r2d2_hpc.errors import DiskError, R2D2Error
 from r2d2_hpc.inference import metrics as m
 from r2d2_hpc.inference.config import PredictConfig
 from r2d2_hpc.inference.io import (
@@ -91,11 +92,11 @@ def run_predict(cfg: PredictConfig, environ: dict[str, str] | None = None) -> Pr
     part, num_parts, local_device = resolve_part(cfg, environ)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    out = Path(str(cfg.out))
+    check_writable(out, "the output folder (out=)", "run predict again")  # before any model is loaded
     loaded = load_model(str(cfg.checkpoint), resolve_device(cfg.device, local_device))
     cases = list_input_cases(str(cfg.input), cfg.msd_list, cfg.case_id_regex, cfg.channel_regex)
     references = find_references(cfg.labels, [c.case_id for c in cases]) if cfg.labels else {}
-    out = Path(str(cfg.out))
-    out.mkdir(parents=True, exist_ok=True)
     if part == 0:
         write_json(out / "predict.json", _description(cfg, loaded, len(cases), num_parts))
     mine = split_cases(cases, part, num_parts)
@@ -110,6 +111,8 @@ def run_predict(cfg: PredictConfig, environ: dict[str, str] | None = None) -> Pr
         start_s = time.monotonic()
         try:
             path, case_rows = _predict_case(loaded, case, settings, cfg, out, references.get(case.case_id))
+        except DiskError:
+            raise  # a full disk fails every case alike: stop with one message
         except CASE_ERRORS as exc:
             log.error("case %s failed: %s", case.case_id, exc)
             run.failures.append({"case_id": case.case_id, "file": str(case.files[0]), "error": str(exc)})

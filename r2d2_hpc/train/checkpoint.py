@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from r2d2_hpc.atomic import atomic_write
 from r2d2_hpc.errors import R2D2Error, problem
 from r2d2_hpc.train.dist import DistEnv
 
@@ -100,7 +101,9 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
 
     The new file is written to ``last.pt.tmp``, flushed and fsynced, then ``last.pt`` becomes ``prev.pt`` and the
     temporary file becomes ``last.pt`` (both ``os.replace``, atomic on POSIX), and the directory is fsynced. A kill
-    at any moment leaves at least one complete checkpoint whenever one existed before.
+    at any moment leaves at least one complete checkpoint whenever one existed before. A full or unwritable disk
+    raises :class:`~r2d2_hpc.errors.DiskError` (the temporary file is removed, ``last.pt`` and ``prev.pt`` stay),
+    and non-finite model weights raise :class:`CheckpointError`: a diverged run never overwrites a good checkpoint.
     """
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
@@ -116,31 +119,57 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch_version": torch.__version__,
     }
+    bad = nonfinite_tensors(state["model"])
+    if bad:
+        raise CheckpointError(
+            problem(
+                directory,
+                f"refusing to write a checkpoint of non-finite weights ({', '.join(bad[:3])} hold NaN or inf)",
+                "finite weights",
+                "the run diverged: resume from the last good checkpoint with a lower train.lr",
+            )
+        )
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp, last = directory / TMP, directory / LAST
-    with open(tmp, "wb") as fh:
+    last = directory / LAST
+
+    def keep_previous() -> None:
+        if last.exists():
+            os.replace(last, directory / PREV)
+
+    fix = (
+        f"run again with resume=auto: it continues from {last}, the last complete checkpoint"
+        if last.exists()
+        else "run again (resume=auto)"
+    )
+    what = f"the checkpoint of step {state['step']} ({TMP})"
+    with (
+        atomic_write(last, what, fix, _nbytes(full), tmp=directory / TMP, before_rename=keep_previous) as tmp,
+        open(tmp, "wb") as fh,
+    ):
         torch.save(full, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if last.exists():
-        os.replace(last, directory / PREV)
-    os.replace(tmp, last)
-    _fsync_dir(directory)
     return last
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory; the renames are still atomic
-        pass
-    finally:
-        os.close(fd)
+def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [
+        name
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors and arrays inside ``value``: about the size of its checkpoint file."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def load_checkpoint(

@@ -16,6 +16,7 @@ Lines are buffered and written every ~1 s or 50 lines, so logging costs a step n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from r2d2_hpc.atomic import disk_guard
 from r2d2_hpc.config import TrainConfig
 from r2d2_hpc.errors import R2D2Error, problem
 from r2d2_hpc.train.dist import DistEnv
@@ -54,10 +56,11 @@ class TimingLog:
             append: keep earlier lines (resume); a cut last line (kill -9 mid-write) is truncated away first.
         """
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append and self.path.exists():
-            _drop_cut_line(self.path)
-        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        with self._disk_guard():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if append and self.path.exists():
+                _drop_cut_line(self.path)
+            self._fh = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - see close()
         self._buffer: list[str] = []
         self._last_flush_s = time.monotonic()
         self._write({"resumed_at_step": None, **header, "type": "header", "schema": SCHEMA})
@@ -119,17 +122,25 @@ class TimingLog:
     def flush(self) -> None:
         """Writes the buffered lines to the file (the OS writes them to disk in its own time)."""
         if self._fh is not None and self._buffer:
-            self._fh.write("".join(self._buffer))
-            self._fh.flush()
-            self._buffer.clear()
+            text = "".join(self._buffer)
+            self._buffer.clear()  # a failed write is not retried: the log keeps its complete lines only
+            with self._disk_guard():
+                self._fh.write(text)
+                self._fh.flush()
         self._last_flush_s = time.monotonic()
 
     def close(self) -> None:
-        """Flushes and closes; idempotent."""
+        """Flushes and closes; idempotent (the file is closed even when the last write fails)."""
         if self._fh is not None:
-            self.flush()
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            with self._disk_guard(), fh:
+                if self._buffer:
+                    fh.write("".join(self._buffer))
+                    self._buffer.clear()
+
+    def _disk_guard(self) -> contextlib.AbstractContextManager[None]:
+        what = f"the timing log {self.path.name}"
+        return disk_guard(self.path.parent, what, "run again with resume=auto (complete lines are kept)")
 
     def __enter__(self) -> TimingLog:
         return self
