@@ -117,6 +117,20 @@ def disk_guard(folder: Path, what: str, fix: str, needed_bytes: int | None = Non
         raise disk_error(exc, Path(folder), what, fix, needed_bytes) from exc
 
 
+def require_free(folder: Path, needed_bytes: int, what: str, fix: str) -> None:
+    """Raises :class:`DiskError` when ``folder``'s file system has less than ``needed_bytes`` free.
+
+    For writers that cannot fail cleanly: HDF5 crashes the process (a segmentation fault in ``H5Fflush``)
+    when a write meets a full disk, so shards check the space for each case before handing it to HDF5.
+    """
+    free = free_bytes(folder)
+    if free is None or free >= needed_bytes:
+        return
+    found = f"writing {what} would not fit: it needs about {_mib(needed_bytes)}, {_mib(free)} free there"
+    fix = f"free space on that file system (or choose a larger one), then {fix}"
+    raise DiskError(problem(folder, found, "enough free space for it", fix))
+
+
 def temporary_name(path: Path) -> Path:
     """``.tmp-<pid>-<name>``: hidden, beside the target, with the target's suffix (nibabel picks formats by it)."""
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")

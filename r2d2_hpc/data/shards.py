@@ -27,12 +27,14 @@ import h5py
 import hdf5plugin  # registers the lz4/zstd filters, so every reader that imports this module can decode them
 import numpy as np
 
-from r2d2_hpc.atomic import fsync_dir
+from r2d2_hpc.atomic import fsync_dir, require_free
 from r2d2_hpc.config import ShardConfig
 from r2d2_hpc.data.manifest import ShardReader, sha256_file
 from r2d2_hpc.data.types import SHARD_FORMAT, SHARD_VERSION, PreparedCase
 from r2d2_hpc.errors import ConfigError, ShardError, problem
 
+_HDF5_OVERHEAD_BYTES = 64 << 10  # the group, attributes and B-tree nodes that a case adds beside its data
+_DISK_FIX = "run prepare again: cases already staged are not redone"
 MAX_CHUNK_BYTES = 4 << 20  # beyond this HDF5's per-dataset chunk cache stops helping
 FG_LOCATIONS_PER_CLASS = 10_000
 _FG_CHUNK_ROWS = 16_384
@@ -187,6 +189,9 @@ class ShardWriter:
         image, label = self._checked_arrays(case)
         voxels = np.bincount(label.reshape(-1), minlength=self.num_classes)
         fg = sample_fg_locations(label, case.case_id, self.num_classes)
+        # Before HDF5 sees the data: on a full disk it crashes the process instead of raising.
+        needed = image.nbytes + label.nbytes + fg.nbytes + _HDF5_OVERHEAD_BYTES
+        require_free(self.out_dir, needed, f"case {case.case_id!r} (uncompressed)", _DISK_FIX)
         f = self._open()
         group = f.create_group(f"cases/{case.case_id}")
         group.attrs["affine"] = np.asarray(case.affine, dtype=np.float64).reshape(4, 4)
