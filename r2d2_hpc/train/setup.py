@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from r2d2_hpc.atomic import write_json
 from r2d2_hpc.config import RunConfig, TrainConfig
 from r2d2_hpc.models import build_model, count_parameters, flops_per_sample
 from r2d2_hpc.train.dist import DistEnv
@@ -113,10 +114,6 @@ def plain_config(cfg: RunConfig) -> dict[str, Any]:
 
 def write_run_config(cfg: RunConfig) -> Path:
     """Writes ``run_dir/config.json`` atomically (a temporary name, then a rename)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plain_config(cfg), indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    path = Path(cfg.run_dir) / "config.json"
+    fix = "run again with resume=auto"
+    return write_json(path, plain_config(cfg), "the run's config (config.json)", fix, indent=2, default=str)

@@ -33,13 +33,14 @@ from typing import Any
 
 import torch
 
-from r2d2_hpc.atomic import disk_guard
+from r2d2_hpc.atomic import disk_guard, write_json
 from r2d2_hpc.config import TrainConfig
 from r2d2_hpc.errors import R2D2Error, problem
 from r2d2_hpc.train.dist import DistEnv
 from r2d2_hpc.train.metrics import mean_foreground_dice
 
 SCHEMA = 1
+TRAIN_DISK_FIX = "run again with resume=auto: it continues from the last complete checkpoint"
 FLUSH_EVERY_S = 1.0
 FLUSH_EVERY_LINES = 50
 
@@ -140,7 +141,7 @@ class TimingLog:
 
     def _disk_guard(self) -> contextlib.AbstractContextManager[None]:
         what = f"the timing log {self.path.name}"
-        return disk_guard(self.path.parent, what, "run again with resume=auto (complete lines are kept)")
+        return disk_guard(self.path.parent, what, TRAIN_DISK_FIX)
 
     def __enter__(self) -> TimingLog:
         return self
@@ -354,10 +355,7 @@ def run_result(
 def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
     """Writes ``run_dir/result.json`` atomically (a temporary name, then a rename)."""
     path = Path(run_dir) / "result.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, result, "the run's result (result.json)", TRAIN_DISK_FIX, indent=2)
 
 
 def peak_memory_gib(device: torch.device) -> float:
