@@ -68,6 +68,16 @@ class DataConfig:
     slice_axis: int = 2  # axis (0=x, 1=y, 2=z in RAS) along which 2D slices are cut
     patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])  # 3D patch size (voxels)
     foreground_fraction: float = 0.33  # share of 3D patches centred on a foreground voxel
+    samples_per_epoch: int | None = (
+        None  # random 3D patches per epoch, all ranks; None: cases x patches_per_case
+    )
+    patches_per_case: int = 16  # default epoch: training cases x this (never shrinks with the world size)
+    # --- reading shards ---
+    chunk_cache_mib: float = (
+        256.0  # decoded chunks kept per DataLoader worker (0: off; see data/chunk_cache.py)
+    )
+    hdf5_locking: bool = False  # HDF5 file locking of shard opens (off: no lock traffic on Lustre/NFS)
+    on_corrupt_sample: str = "fail"  # fail: stop naming shard and case | skip: warn, count, read another
     # --- split ---
     val_fraction: float = 0.2  # share of cases held out for validation (by case, never by slice)
     split_seed: int = 0  # seed of the train/validation split
@@ -102,6 +112,14 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ConfigError(f"data.foreground_fraction={self.foreground_fraction} must be in [0, 1]")
+        _check_choice("data.on_corrupt_sample", self.on_corrupt_sample, ("fail", "skip"))
+        if (self.samples_per_epoch is not None and self.samples_per_epoch < 1) or self.patches_per_case < 1:
+            raise ConfigError(
+                f"data.samples_per_epoch={self.samples_per_epoch} and data.patches_per_case="
+                f"{self.patches_per_case} must be at least 1 (samples_per_epoch may be null)"
+            )
+        if self.chunk_cache_mib < 0:
+            raise ConfigError(f"data.chunk_cache_mib={self.chunk_cache_mib} must be >= 0 (0 turns it off)")
         if self.normalisation == "ct_window" and (self.ct_window is None or len(self.ct_window) != 2):
             raise ConfigError("data.normalisation=ct_window needs data.ct_window=[low,high] (HU)")
         if self.label_map is not None:
@@ -221,6 +239,9 @@ class TrainConfig:
     seed: int = 0  # base seed: ranks and workers derive theirs from it
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume tests use it)
     num_workers: int = 2  # DataLoader workers per rank
+    persistent_workers: bool = True  # keep the workers (and their open shards and caches) across epochs
+    prefetch_factor: int = 2  # batches each worker loads ahead (with num_workers > 0)
+    pin_memory: bool = True  # page-locked batches for asynchronous host-to-device copies (CUDA only)
     augment: bool = True  # flips, 90-degree rotations, intensity scale/shift on training samples
     eval_every_steps: int = 50  # validation every N steps (and at the end); 0 = only at the end
     eval_batch: int = 8  # validation micro-batch per rank
@@ -248,6 +269,7 @@ class TrainConfig:
             "grad_accum",
             "lr_reference_batch",
             "eval_batch",
+            "prefetch_factor",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -16,7 +16,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from r2d2_hpc.data.manifest import describe_read_error, manifest_problems, read_manifest, sha256_file
+from r2d2_hpc.data.manifest import (
+    describe_read_error,
+    manifest_problems,
+    open_shard,
+    read_manifest,
+    sha256_file,
+)
 from r2d2_hpc.data.types import IGNORE_INDEX, SHARD_FORMAT, SHARD_VERSION
 from r2d2_hpc.errors import ShardError
 
@@ -62,7 +68,7 @@ def _verify_shard(
     if check_sha256 and sha256_file(path) != shard.get("sha256"):
         problems.append(f"{path}: sha256 differs from the manifest (the file changed after it was written)")
     try:
-        f = h5py.File(path, "r")
+        f = open_shard(path, "r")
     except OSError as exc:
         bar.update(len(listed))
         return [*problems, f"{path}: cannot be opened as HDF5 ({exc})"]

@@ -13,12 +13,16 @@ Randomness (crop/patch location, foreground choice, augmentation) is drawn per s
   ``DistributedSampler.set_epoch``) draw different augmentations of the same index.
 
 The epoch lives in a shared-memory tensor, so ``set_epoch`` also reaches persistent DataLoader workers.
-Every sample is ``dict(image=float32 (C, *spatial), label=int64 (*spatial), case_id=str, index=int)``; padded
-voxels have image 0 and label ``IGNORE_INDEX`` (255), which losses and metrics skip.
+Every sample is ``dict(image=float32 (C, *spatial), label=int64 (*spatial), case_id=str, index=int,
+corrupt_skipped=int)``; padded voxels have image 0 and label ``IGNORE_INDEX`` (255), which losses and metrics
+skip. A sample whose read fails its checksum raises ``ShardError`` naming the shard and the case
+(``on_corrupt="fail"``), or (``"skip"``) is replaced, with a warning, by the next readable index;
+``corrupt_skipped`` counts the samples so replaced, so a training loop can add them up.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +33,14 @@ import torch
 from torch.utils.data import Dataset
 
 from r2d2_hpc.data.augment import IGNORE_INDEX, AugmentConfig, augment
+from r2d2_hpc.data.manifest import DEFAULT_CHUNK_CACHE_MIB
 from r2d2_hpc.data.shards import ShardReader
 from r2d2_hpc.data.types import MANIFEST_NAME
 from r2d2_hpc.errors import ConfigError, ShardError, problem
 
 _FG_CACHE_CASES = 8  # foreground location tables kept per worker (one per case, most recently used)
+_MAX_SKIPS = 32  # corrupt samples in a row that on_corrupt="skip" replaces before it gives up
+ON_CORRUPT = ("fail", "skip")
 
 
 class _ShardDataset(Dataset):
@@ -49,9 +56,19 @@ class _ShardDataset(Dataset):
         seed: int,
         rank: int,
         cache_mib: float | None,
+        chunk_cache_mib: float = DEFAULT_CHUNK_CACHE_MIB,
+        locking: bool = False,
+        on_corrupt: str = "fail",
     ) -> None:
         self.shard_dir = Path(shard_dir)
-        self.reader = ShardReader(self.shard_dir, cache_mib=cache_mib)
+        if on_corrupt not in ON_CORRUPT:
+            raise ConfigError(
+                f"on_corrupt={on_corrupt!r} must be one of {ON_CORRUPT} (data.on_corrupt_sample)"
+            )
+        self.on_corrupt = on_corrupt
+        self.reader = ShardReader(
+            self.shard_dir, cache_mib=cache_mib, chunk_cache_mib=chunk_cache_mib, locking=locking
+        )
         splits = self.reader.manifest.get("split", {})
         if split not in splits:
             raise ConfigError(
@@ -104,6 +121,29 @@ class _ShardDataset(Dataset):
     def sample_rng(self, index: int) -> np.random.Generator:
         """The generator of sample ``index`` in the current epoch on this rank."""
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, int(index)]))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check_index(index)
+        skipped = 0
+        while True:
+            try:
+                sample = self._sample(index)
+            except ShardError as exc:
+                if self.on_corrupt != "skip" or skipped >= _MAX_SKIPS:
+                    if skipped:
+                        raise ShardError(
+                            f"{exc} ({skipped} corrupt samples in a row were skipped before)"
+                        ) from exc
+                    raise
+                warnings.warn(f"skipping a corrupt sample (data.on_corrupt_sample=skip): {exc}", stacklevel=2)
+                skipped += 1
+                index = (index + 1) % len(self)
+                continue
+            sample["corrupt_skipped"] = skipped
+            return sample
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _check_index(self, index: int) -> int:
         index = int(index)
@@ -162,6 +202,9 @@ class SliceDataset(_ShardDataset):
             (train and val alike), rounded up to ``pad_multiple``.
         pad_multiple: padded sizes are multiples of this (a U-Net with 4 poolings needs 16).
         cache_mib: HDF5 chunk cache per open shard, passed to ``ShardReader``.
+        chunk_cache_mib: decoded chunks kept per process (``ShardReader``; 0 decodes every read).
+        locking: HDF5 file locking of the shard opens (``ShardReader``).
+        on_corrupt: ``"fail"`` or ``"skip"`` a sample whose read fails (see the module docstring).
     """
 
     spatial_dims = 2
@@ -176,8 +219,13 @@ class SliceDataset(_ShardDataset):
         sample_size: tuple[int, int] | None = None,
         pad_multiple: int = 16,
         cache_mib: float | None = None,
+        chunk_cache_mib: float = DEFAULT_CHUNK_CACHE_MIB,
+        locking: bool = False,
+        on_corrupt: str = "fail",
     ) -> None:
-        super().__init__(shard_dir, split, augment, seed, rank, cache_mib)
+        super().__init__(
+            shard_dir, split, augment, seed, rank, cache_mib, chunk_cache_mib, locking, on_corrupt
+        )
         layout = self.reader.layout
         if layout.get("kind") != "2d":
             raise ShardError(
@@ -218,7 +266,7 @@ class SliceDataset(_ShardDataset):
         case_idx = int(np.searchsorted(self._offsets, index, side="right")) - 1
         return self.case_ids[case_idx], index - int(self._offsets[case_idx])
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _sample(self, index: int) -> dict[str, Any]:
         case_id, slice_idx = self.locate(index)
         index = int(index)
         rng = self.sample_rng(index)
@@ -252,6 +300,7 @@ class PatchDataset(_ShardDataset):
         deterministic: ``True`` gives the grid of non-overlapping patches that covers every voxel of every case
             exactly once (edge patches padded with ``IGNORE_INDEX``); ``None`` picks it for every split but
             ``"train"``.
+        chunk_cache_mib, locking, on_corrupt: as for ``SliceDataset``.
     """
 
     spatial_dims = 3
@@ -268,8 +317,13 @@ class PatchDataset(_ShardDataset):
         rank: int = 0,
         cache_mib: float | None = None,
         deterministic: bool | None = None,
+        chunk_cache_mib: float = DEFAULT_CHUNK_CACHE_MIB,
+        locking: bool = False,
+        on_corrupt: str = "fail",
     ) -> None:
-        super().__init__(shard_dir, split, augment, seed, rank, cache_mib)
+        super().__init__(
+            shard_dir, split, augment, seed, rank, cache_mib, chunk_cache_mib, locking, on_corrupt
+        )
         if len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
             raise ConfigError(
                 f"patch_size={list(patch_size)!r} must be three positive integers (X, Y, Z voxels)"
@@ -312,8 +366,7 @@ class PatchDataset(_ShardDataset):
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = self._check_index(index)
+    def _sample(self, index: int) -> dict[str, Any]:
         rng = self.sample_rng(index)
         if self.deterministic:
             case_idx, *starts = (int(v) for v in self._grid[index])

@@ -20,10 +20,13 @@ import hdf5plugin  # noqa: F401  registers the lz4/zstd filters so that shards w
 import numpy as np
 
 from r2d2_hpc.atomic import write_text
-from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+from r2d2_hpc.data.chunk_cache import ChunkCache, plain_window, read_window
+from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, SHARD_FORMAT, SHARD_VERSION
 from r2d2_hpc.errors import ShardError, problem
 
 KNOWN_MANIFEST_VERSIONS = (MANIFEST_VERSION,)
+KNOWN_SHARD_VERSIONS = (SHARD_VERSION,)
+DEFAULT_CHUNK_CACHE_MIB = 256.0  # decoded chunks kept per process (per DataLoader worker)
 REQUIRED_KEYS = (
     "format",
     "format_version",
@@ -187,29 +190,59 @@ def describe_read_error(exc: BaseException) -> str:
     return text
 
 
+def open_shard(path: Path, mode: str = "r", locking: bool = False, **kwargs: Any) -> h5py.File:
+    """Opens a shard file; every open of a shard (reader, writer, verify) goes through here.
+
+    ``locking=False`` (the default, setting ``data.hdf5_locking``) opens without HDF5's file locks: shards are
+    written once under a temporary name and then only read, and locks on Lustre/NFS cost lock traffic or fail
+    where the filesystem does not support them. Opening one file twice in a process with different flags fails
+    in HDF5 ("file locking flag values don't match"), so reader and writer share this one flag.
+    """
+    return h5py.File(path, mode, locking=bool(locking), **kwargs)
+
+
 class ShardReader:
     """Reads cases of a shard set. Picklable; HDF5 files open lazily in each process that reads.
 
     Handles are never opened in ``__init__`` and never pickled; a process forked after a read reopens its own.
-    Every dataset gets a chunk cache (``cache_mib``, else room for the chunks of about 4 samples, 4-64 MiB)
-    with a prime number of hash slots about 100 times the chunks it holds.
+    Windowed reads (``read_image(case, index)`` with an index) go through a cache of decoded chunks
+    (``chunk_cache_mib`` per process; 0 turns it off), see ``chunk_cache``. Whole-array reads and reads with the
+    cache off go through h5py, whose per-dataset chunk cache is ``cache_mib`` (else room for the chunks of about
+    4 samples, 4-16 MiB; none while the decoded cache is on) with a prime number of hash slots about 100 times
+    the chunks it holds. ``locking`` is HDF5 file locking (see ``open_shard``).
     """
 
-    def __init__(self, shard_dir: Path, manifest: dict | None = None, cache_mib: float | None = None) -> None:
+    def __init__(
+        self,
+        shard_dir: Path,
+        manifest: dict | None = None,
+        cache_mib: float | None = None,
+        chunk_cache_mib: float = DEFAULT_CHUNK_CACHE_MIB,
+        locking: bool = False,
+    ) -> None:
         self.shard_dir = Path(shard_dir)
         self.manifest: dict[str, Any] = read_manifest(self.shard_dir) if manifest is None else manifest
         self.class_names: list[str] = list(self.manifest.get("classes", []))
         self.channel_names: list[str] = list(self.manifest.get("channels", []))
         self.layout: dict[str, Any] = dict(self.manifest.get("layout", {}))
+        if chunk_cache_mib < 0:
+            raise ShardError(f"chunk_cache_mib={chunk_cache_mib} must be >= 0 (data.chunk_cache_mib)")
         self.cache_mib = cache_mib
+        self.chunk_cache_mib = float(chunk_cache_mib)
+        self.locking = bool(locking)
         self._pid: int | None = None
         self._files: dict[str, h5py.File] = {}
         self._datasets: OrderedDict[tuple[str, str], h5py.Dataset] = OrderedDict()
+        self.chunk_cache = ChunkCache(int(self.chunk_cache_mib * 2**20))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _files={}, _datasets=OrderedDict())
+        state.update(_pid=None, _files={}, _datasets=OrderedDict(), chunk_cache=ChunkCache(0))
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.chunk_cache = ChunkCache(int(self.chunk_cache_mib * 2**20))
 
     def case_ids(self, split: str | None = None) -> list[str]:
         """Case ids of one split (``manifest["split"][split]``), or every case."""
@@ -255,6 +288,7 @@ class ShardReader:
         Left open, HDF5 would hand the next open of the same file the inherited file and descriptor.
         """
         self._datasets.clear()
+        self.chunk_cache.clear()
         for f in self._files.values():
             # A half-dead inherited handle must not stop this process from reading.
             with contextlib.suppress(Exception):
@@ -277,9 +311,21 @@ class ShardReader:
     def _read(self, case_id: str, name: str, index: tuple) -> np.ndarray:
         shard = self._entry(case_id)["shard"]
         path = self.shard_dir / shard
+        index = index if isinstance(index, tuple) else (index,)
         try:
             ds = self._dataset(case_id, name, shard)
-            return ds[index if isinstance(index, tuple) else (index,)]
+            plain = plain_window(index, ds.shape) if index and self.chunk_cache.max_bytes else None
+            if plain is None or ds.chunks is None:
+                return ds[index]
+            return read_window(
+                (shard, case_id, name),
+                ds.shape,
+                ds.chunks,
+                ds.dtype,
+                *plain,
+                self.chunk_cache,
+                ds.__getitem__,
+            )
         except (OSError, KeyError, RuntimeError) as exc:
             self._datasets.pop((case_id, name), None)
             if not path.is_file():
@@ -309,9 +355,10 @@ class ShardReader:
             f = self._files.get(shard)
             if f is None:
                 nbytes, nslots = self._cache_params(shard)
-                # HDF5's default file locking (HDF5_USE_FILE_LOCKING decides): a different flag here would make
-                # any other open of the same file in this process fail with "file locking flag values don't match".
-                f = h5py.File(self.shard_dir / shard, "r", rdcc_nbytes=nbytes, rdcc_nslots=nslots)
+                f = open_shard(
+                    self.shard_dir / shard, "r", self.locking, rdcc_nbytes=nbytes, rdcc_nslots=nslots
+                )
+                self._check_version(f, shard)
                 self._files[shard] = f
             ds = f["cases"][case_id][name]
             self._datasets[key] = ds
@@ -320,6 +367,20 @@ class ShardReader:
         else:
             self._datasets.move_to_end(key)
         return ds
+
+    def _check_version(self, f: h5py.File, shard: str) -> None:
+        fmt, version = (np.asarray(f.attrs.get(k)).tolist() for k in ("format", "format_version"))
+        if fmt != SHARD_FORMAT or version not in KNOWN_SHARD_VERSIONS:
+            f.close()
+            raise ShardError(
+                problem(
+                    self.shard_dir / shard,
+                    f"shard format {fmt!r} version {version!r}, which this r2d2_hpc does not read",
+                    f"format {SHARD_FORMAT!r} version {' or '.join(map(str, KNOWN_SHARD_VERSIONS))}",
+                    f"upgrade r2d2_hpc to read it, or re-run prepare with force=true for {self.shard_dir} "
+                    f"to write version {SHARD_VERSION}",
+                )
+            )
 
     def _cache_params(self, shard: str) -> tuple[int, int]:
         """(rdcc_nbytes, rdcc_nslots) for a shard, from the chunk shapes its cases record in the manifest."""
@@ -338,6 +399,8 @@ class ShardReader:
                 )
         if self.cache_mib is not None:
             nbytes = int(self.cache_mib * 2**20)
+        elif self.chunk_cache.max_bytes:
+            return 0, 1  # decoded chunks are cached above HDF5; its own cache would hold them twice
         else:
             nbytes = int(min(max(4 * sample_bytes, _MIN_CACHE_BYTES), _MAX_CACHE_BYTES))
         return nbytes, _next_prime(min(_MAX_CACHE_SLOTS, 100 * max(1, nbytes // max(1, smallest_chunk))))

@@ -115,7 +115,14 @@ def _stage_case(
     what = f"the staging file of case {ref.case_id!r}"
     with (
         disk_guard(staging, what, RERUN_FIX, case.image.size * 4 + case.label.size),
-        ShardWriter(staging, ref.case_id, _STAGING_SHARDS, layout_of(cfg), len(source.info.class_names)) as w,
+        ShardWriter(
+            staging,
+            ref.case_id,
+            _STAGING_SHARDS,
+            layout_of(cfg),
+            len(source.info.class_names),
+            locking=cfg.hdf5_locking,
+        ) as w,
     ):
         entry = w.add(case)
     record = {
@@ -292,16 +299,19 @@ def _write_generation(
     num_classes: int,
     generation: str,
 ) -> tuple[list[dict], dict[str, dict]]:
-    old_reader = ShardReader(out, manifest=old) if old is not None else None
+    locking = cfg.data.hdf5_locking
+    old_reader = ShardReader(out, manifest=old, locking=locking) if old is not None else None
     cases: dict[str, dict[str, Any]] = {}
-    with ShardWriter(out, f"shard-{generation}", cfg.storage, layout_of(cfg.data), num_classes) as writer:
+    with ShardWriter(
+        out, f"shard-{generation}", cfg.storage, layout_of(cfg.data), num_classes, locking=locking
+    ) as writer:
         for rec in records:
             cid = rec["case_id"]
             if rec["origin"] == "shards":
                 assert old is not None and old_reader is not None
                 case = _read_case(old_reader, cid, old["cases"][cid])
             else:
-                staged = ShardReader(staging, manifest=_staging_manifest(rec))
+                staged = ShardReader(staging, manifest=_staging_manifest(rec), locking=locking)
                 case = _read_case(staged, cid, rec["entry"])
                 staged.close()
             entry = writer.add(case)

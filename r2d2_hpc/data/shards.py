@@ -29,7 +29,7 @@ import numpy as np
 
 from r2d2_hpc.atomic import fsync_dir, require_free
 from r2d2_hpc.config import ShardConfig
-from r2d2_hpc.data.manifest import ShardReader, sha256_file
+from r2d2_hpc.data.manifest import ShardReader, open_shard, sha256_file
 from r2d2_hpc.data.types import SHARD_FORMAT, SHARD_VERSION, PreparedCase
 from r2d2_hpc.errors import ConfigError, ShardError, problem
 
@@ -145,7 +145,15 @@ class ShardWriter:
     leaves an incomplete file under a final name. Use it as a context manager, or call ``close()``.
     """
 
-    def __init__(self, out_dir: Path, prefix: str, cfg: ShardConfig, layout: dict, num_classes: int) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        prefix: str,
+        cfg: ShardConfig,
+        layout: dict,
+        num_classes: int,
+        locking: bool = False,
+    ) -> None:
         if not 1 <= num_classes <= 255:
             raise ShardError(f"num_classes={num_classes} must be 1-255 (labels are uint8; 255 marks padding)")
         chunk_shape((1, 1, 1), layout, cfg)  # fails now on a bad layout, not after the first case
@@ -154,6 +162,7 @@ class ShardWriter:
         self.cfg = cfg
         self.layout = dict(layout)
         self.num_classes = int(num_classes)
+        self.locking = bool(locking)  # HDF5 file locking, the same flag as the readers' (see open_shard)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._file: h5py.File | None = None
         self._name = ""
@@ -298,7 +307,7 @@ class ShardWriter:
         if self._file is None:
             self._name = f"{self.prefix}-{self._index:04d}.h5"
             self._index += 1
-            self._file = h5py.File(self.out_dir / f"{self._name}.tmp", "w")
+            self._file = open_shard(self.out_dir / f"{self._name}.tmp", "w", self.locking)
             self._file.attrs["format"] = SHARD_FORMAT
             self._file.attrs["format_version"] = SHARD_VERSION
             self._file.create_group("cases")
@@ -325,4 +334,4 @@ class ShardWriter:
         )
 
 
-__all__ = ["ShardReader", "ShardWriter", "chunk_shape", "sample_fg_locations"]
+__all__ = ["ShardReader", "ShardWriter", "chunk_shape", "open_shard", "sample_fg_locations"]

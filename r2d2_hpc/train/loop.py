@@ -25,12 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from r2d2_hpc.config import RunConfig
 from r2d2_hpc.data.manifest import read_manifest
 from r2d2_hpc.train import checkpoint as ckpt
-from r2d2_hpc.train.data import build_datasets
+from r2d2_hpc.train.data import BatchStats, build_datasets, build_train_loader, next_batch
 from r2d2_hpc.train.dist import (
     DistEnv,
     Heartbeat,
@@ -138,18 +137,8 @@ class _Trainer:
         self.sampler = ResumableDistributedSampler(len(self.train_ds), env.world_size, env.rank, tc.seed)
         self.samples_per_step = self.micro * tc.grad_accum
         self.steps_per_epoch = steps_per_epoch(len(self.train_ds), env.world_size, self.samples_per_step)
-        self.loader = DataLoader(
-            self.train_ds,
-            batch_size=self.micro,
-            sampler=self.sampler,
-            num_workers=tc.num_workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=False,
-            # its own generator: creating an iterator must not draw from the global RNG,
-            # or a resumed run's dropout stream would differ from the uninterrupted one
-            generator=torch.Generator().manual_seed(tc.seed),
-        )
+        self.loader = build_train_loader(cfg, self.train_ds, self.sampler, self.micro, self.device)
+        self.batch_stats = BatchStats()
         self.config_hash = run_config_hash(cfg)
         self.throughput = Throughput(tc.timing_warmup_steps)
         self.step = 0
@@ -195,6 +184,7 @@ class _Trainer:
             self.train_ds.class_names,
             time.monotonic() - self.t_start,
         )
+        result["corrupt_samples_skipped"] = self.batch_stats.total_corrupt_skipped(self.env)
         if self.env.is_main:
             write_result(self.run_dir, result)
         return result
@@ -243,7 +233,7 @@ class _Trainer:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(self.tc.grad_accum):
-            batch = next(batches)
+            batch = next_batch(batches, self.batch_stats)
             timer.data_ready()
             last = micro == self.tc.grad_accum - 1
             with contextlib.nullcontext() if last else self.ddp.no_sync():

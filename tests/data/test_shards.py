@@ -8,12 +8,11 @@ import os
 import pickle
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from r2d2_hpc.config import ShardConfig
-from r2d2_hpc.data.manifest import ShardReader, read_manifest, sha256_file, write_manifest
+from r2d2_hpc.data.manifest import ShardReader, open_shard, read_manifest, sha256_file, write_manifest
 from r2d2_hpc.data.shards import MAX_CHUNK_BYTES, ShardWriter, chunk_shape
 from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_VERSION, PreparedCase
 from r2d2_hpc.errors import ConfigError, ShardError
@@ -107,7 +106,7 @@ def test_float32_round_trip_is_exact(tmp_path: Path, cases: list[PreparedCase], 
     path = tmp_path / shard["file"]
     assert shard["file"] == "shard-0000.h5" and shard["cases"] == ["case0", "case1", "case2"]
     assert shard["bytes"] == path.stat().st_size and shard["sha256"] == sha256_file(path)
-    with h5py.File(path, "r") as f:
+    with open_shard(path, "r") as f:
         assert f.attrs["format"] == "r2d2-shard" and f.attrs["format_version"] == 1
         group = f["cases/case1"]
         assert np.array_equal(group.attrs["affine"], cases[1].affine)
@@ -123,7 +122,7 @@ def test_float32_round_trip_is_exact(tmp_path: Path, cases: list[PreparedCase], 
 def test_float16_storage_within_precision(tmp_path: Path, cases: list[PreparedCase]) -> None:
     write_set(tmp_path, cases, ShardConfig(compression="zstd", image_dtype="float16"))
     reader = ShardReader(tmp_path)
-    with h5py.File(tmp_path / "shard-0000.h5", "r") as f:
+    with open_shard(tmp_path / "shard-0000.h5", "r") as f:
         assert f["cases/case0/image"].dtype == np.float16
     for case in cases:
         image = reader.read_image(case.case_id)
@@ -190,7 +189,7 @@ def test_stored_chunks_follow_the_layout(tmp_path: Path) -> None:
     case = make_case("c", 0, shape=(3, 20, 18, 16))
     layout = {"kind": "3d", "patch_size": [8, 8, 8]}
     manifest = write_set(tmp_path, [case], ShardConfig(chunk_edge=8, compression="gzip"), layout=layout)
-    with h5py.File(tmp_path / "shard-0000.h5", "r") as f:
+    with open_shard(tmp_path / "shard-0000.h5", "r") as f:
         assert f["cases/c/image"].chunks == (3, 8, 8, 8) and f["cases/c/label"].chunks == (8, 8, 8)
     assert manifest["cases"]["c"]["chunks"] == {"image": [3, 8, 8, 8], "label": [8, 8, 8]}
     with pytest.raises(ConfigError, match="slice_axis"):
@@ -250,7 +249,7 @@ def test_write_manifest_refuses_inconsistent_sets(tmp_path: Path, cases: list[Pr
 
 
 def _flip_byte_in_image(path: Path, case_id: str) -> None:
-    with h5py.File(path, "r") as f:
+    with open_shard(path, "r") as f:
         info = f[f"cases/{case_id}/image"].id.get_chunk_info(0)
     with open(path, "r+b") as fh:
         fh.seek(info.byte_offset + info.size // 2)

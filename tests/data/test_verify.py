@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from r2d2_hpc.config import ShardConfig
-from r2d2_hpc.data.manifest import write_manifest
+from r2d2_hpc.data.manifest import open_shard, write_manifest
 from r2d2_hpc.data.shards import ShardWriter
 from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_VERSION, PreparedCase
 from r2d2_hpc.verify import verify
@@ -83,7 +82,7 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def _flip_image_byte(path: Path, case_id: str) -> None:
-    with h5py.File(path, "r") as f:
+    with open_shard(path, "r") as f:
         info = f[f"cases/{case_id}/image"].id.get_chunk_info(2)
     with open(path, "r+b") as fh:
         fh.seek(info.byte_offset + info.size // 2)
@@ -115,10 +114,10 @@ def test_flipped_byte_is_listed_and_fails_the_cli(shard_set: Path) -> None:
 
 def test_every_problem_is_listed_at_once(shard_set: Path) -> None:
     (shard_set / "shard-0000.h5").unlink()
-    with h5py.File(shard_set / "shard-0001.h5", "r+") as f:
+    with open_shard(shard_set / "shard-0001.h5", "r+") as f:
         f["cases/c1/label"][0, 0, 0] = 7  # a label value beyond the classes
         f.create_group("cases/stowaway")
-    with h5py.File(shard_set / "shard-0002.h5", "r+") as f:
+    with open_shard(shard_set / "shard-0002.h5", "r+") as f:
         f.attrs["format_version"] = 5
         f["cases/c2/image"][0, 1, 1, 1] = np.nan
     manifest_path = shard_set / "manifest.json"
@@ -149,7 +148,7 @@ def test_every_problem_is_listed_at_once(shard_set: Path) -> None:
 
 
 def test_padding_label_and_bad_foreground_are_named(shard_set: Path) -> None:
-    with h5py.File(shard_set / "shard-0000.h5", "r+") as f:
+    with open_shard(shard_set / "shard-0000.h5", "r+") as f:
         f["cases/c0/label"][1, 1, 1] = 255
         rows = f["cases/c0/fg_locations"]
         rows[0, 0] = 3 - rows[0, 0]  # class 1 <-> 2: now points at a voxel of the other class
