@@ -15,8 +15,17 @@ from typing import Any
 
 from r2d2_hpc.errors import ConfigError
 
-# The repository's conf/ folder (the package is installed editable; R2D2_CONF_DIR points elsewhere if needed).
-CONF_DIR = Path(os.environ.get("R2D2_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+def _conf_dir() -> Path:
+    """``conf/``: R2D2_CONF_DIR, else the copy inside an installed wheel, else the checkout's own."""
+    if os.environ.get("R2D2_CONF_DIR"):
+        return Path(os.environ["R2D2_CONF_DIR"])
+    package = Path(__file__).resolve().parent
+    return package / "conf" if (package / "conf").is_dir() else package.parent / "conf"
+
+
+# The Hydra config folder; setup.py maps the checkout's conf/ into the wheel as r2d2_hpc/conf.
+CONF_DIR = _conf_dir()
 
 SOURCES = ("msd", "folders", "mni_tissue", "synthetic")
 NORMALISATIONS = ("auto", "zscore_nonzero", "zscore", "ct_window", "ct_percentile", "none")

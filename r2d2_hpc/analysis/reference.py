@@ -1,4 +1,4 @@
-"""Published scaling figures (``analysis/reference/*.csv`` in the checkout), drawn beside measured ones on request.
+"""Published scaling figures (``analysis/reference/*.csv``, shipped in the wheel too), drawn beside measured ones on request.
 
 Every CSV has the columns of :data:`COLUMNS`; ``source`` and ``url`` say where each number comes from and
 ``verified`` how it was checked. Empty cells are unknown (the R2D2 paper's abstract gives its speedups without
@@ -36,8 +36,9 @@ COLUMNS = (
 
 
 def default_reference_dir() -> Path:
-    """``analysis/reference`` of the checkout this package runs from (absent from an installed wheel)."""
-    return Path(__file__).resolve().parents[2] / "analysis" / "reference"
+    """The reference CSVs: inside an installed wheel (``reference_csv``), else the checkout's ``analysis/reference``."""
+    packaged = Path(__file__).resolve().parent / "reference_csv"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "analysis" / "reference"
 
 
 def load_references(directory: Path | None = None) -> pd.DataFrame:
@@ -49,8 +50,8 @@ def load_references(directory: Path | None = None) -> pd.DataFrame:
             problem(
                 directory,
                 "no reference CSV files",
-                "analysis/reference/*.csv of an r2d2_hpc checkout",
-                "run from a checkout, or pass reference_dir / --reference-dir",
+                "analysis/reference/*.csv of an r2d2_hpc checkout (or reference_csv/ of the wheel)",
+                "reinstall r2d2_hpc, or pass reference_dir / --reference-dir",
             )
         )
     frames = []

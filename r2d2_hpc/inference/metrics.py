@@ -86,10 +86,10 @@ def surface_distances(
     try:
         import torch
         from monai.metrics.utils import get_edge_surface_distance
-    except ImportError as exc:  # pragma: no cover - MONAI is a dependency
+    except ImportError as exc:  # pragma: no cover - MONAI is the [metrics] extra
         raise R2D2Error(
             "surface metrics need MONAI; expected it installed next to torch. "
-            "Fix: pip install --no-deps monai==1.6.1 (its only dependencies, torch and numpy, are there)"
+            "Fix: pip install 'r2d2_hpc[metrics]' (the MONAI extra; pip keeps the torch that is installed)"
         ) from exc
     with warnings.catch_warnings():
         # MONAI's notes on its internals' deprecations; empty masks never get here (handled by the caller).
