@@ -394,6 +394,7 @@ class StudyConfig:
     dir: str | None = None  # study directory; None: runs/<name>-<date>
     attach: str | None = None  # re-attach to a submitted study directory: wait for it and collect it
     wait: bool = True  # wait for the jobs and write the report (false: submit and return)
+    dry_run: bool = False  # print the plan and the scripts it would submit; start and write nothing
     report: bool = True  # run the analysis when the study is complete
 
     def __post_init__(self) -> None:
@@ -413,7 +414,6 @@ class LaunchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
-    prepare_if_missing: bool = True  # prepare data.shards from the data source first when it has no manifest
 
 
 def _plain(value: Any) -> Any:

@@ -1,7 +1,9 @@
 """``python -m r2d2_hpc.launch``: run a scaling study (models x scales x repeats), then write its report.
 
-With no argument it runs the default study on this machine: the real demo data (prepared if missing), U-Net and
-FCN at 1 and 2 ranks as local processes (gloo). ``launcher=slurm`` submits every run at once through submitit
+``experiment=demo`` is the demo on this machine (``scripts/main.sh`` prepares its data first): U-Net and FCN at
+1 and 2 ranks as local processes (gloo). Without an experiment a study gets the training defaults of
+``conf/train/``. The plan is printed before anything starts; ``study.dry_run=true`` prints it (and the scripts it
+would submit) and starts nothing. ``data.shards`` must already be prepared: launch never writes data. ``launcher=slurm`` submits every run at once through submitit
 (arrays where the executor parameters are equal); ``study.attach=<dir>`` re-attaches to a submitted study;
 ``launcher=sbatch`` renders one sbatch script per run instead. See conf/launch.yaml and conf/experiment/.
 """
@@ -18,31 +20,29 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from r2d2_hpc.config import CONF_DIR, LaunchConfig, PrepareConfig, register_configs, to_dataclass
+from r2d2_hpc.config import CONF_DIR, LaunchConfig, register_configs, to_dataclass
 from r2d2_hpc.errors import LaunchError, R2D2Error
 from r2d2_hpc.launch.accounting import store_accounting
 from r2d2_hpc.launch.executors import reattach, run_local, submit_slurm
-from r2d2_hpc.launch.plan import model_configs, plan, run_config
+from r2d2_hpc.launch.plan import describe, model_configs, plan, run_config
 from r2d2_hpc.launch.record import Study, wait_all
 
 log = logging.getLogger("r2d2_hpc.launch")
 register_configs()
 
 
-def ensure_data(lc: LaunchConfig) -> None:
-    """Prepares ``data.shards`` from the data source when it has no manifest yet."""
-    shard_dir = Path(lc.data.shard_dir())
+def check_data(lc: LaunchConfig) -> None:
+    """``data.shards`` must hold a prepared shard set: launch never prepares (or writes) data itself."""
+    shard_dir = Path(lc.data.shard_dir()).absolute()
     if (shard_dir / "manifest.json").is_file():
         return
-    if not lc.prepare_if_missing:
-        raise LaunchError(
-            f"{shard_dir} has no manifest.json; expected prepared shards. Fix: run "
-            f"python -m r2d2_hpc.prepare data={lc.data.name} data.shards={shard_dir}"
-        )
-    from r2d2_hpc.data.prepare import run_prepare
-
-    log.info("preparing %s into %s (once)", lc.data.name, shard_dir)
-    run_prepare(PrepareConfig(data=lc.data, out=str(shard_dir), progress=False))
+    found = "does not exist" if not shard_dir.exists() else "has no manifest.json"
+    root = f" data.root={lc.data.root}" if lc.data.root else ""
+    raise LaunchError(
+        f"data.shards={shard_dir} {found}: the data is not prepared; expected a shard directory written by "
+        f"prepare. Fix: python -m r2d2_hpc.prepare data={lc.data.name}{root} out={shard_dir} "
+        "(then launch again with the same data.shards)"
+    )
 
 
 def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
@@ -52,7 +52,7 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
         wait_all(study, reattach(study))
         store_accounting(study)
         return _finish(study, lc)
-    ensure_data(lc)
+    check_data(lc)
     models = model_configs(lc, explicit_model)
     runs = plan(lc, models)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -60,6 +60,10 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
     tag = f"-{'-'.join(models)}" if explicit_model else ""
     study_dir = Path(lc.study.dir or f"runs/{lc.study.name}{tag}-{stamp}").absolute()
     configs = {r.name: run_config(lc, models[r.model], study_dir, r) for r in runs}
+    print(describe(lc, runs, study_dir), flush=True)
+    if lc.study.dry_run:
+        _dry_run(lc, runs, configs, study_dir)
+        return study_dir
     study = Study.create(study_dir, runs, lc.launcher.name, _plain(lc))
     log.info("study %s: %d run(s) with launcher=%s", study_dir, len(runs), lc.launcher.name)
     if lc.launcher.name == "sbatch":
@@ -80,6 +84,31 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
         wait_all(study, jobs)
         store_accounting(study)
     return _finish(study, lc)
+
+
+def _dry_run(lc: LaunchConfig, runs: list, configs: dict, study_dir: Path) -> None:
+    """Prints what would be submitted (sbatch: each script; slurm: each job's sbatch options); writes nothing."""
+    if lc.launcher.name == "sbatch":
+        from r2d2_hpc.launch.sbatch import render_script
+
+        for run in runs:
+            text = render_script(
+                lc,
+                run.name,
+                run.nodes,
+                configs[run.name].run_dir,
+                str(study_dir),
+                run.world_size // run.nodes,
+            )
+            print(f"--- {study_dir}/sbatch/{run.name}.sbatch\n{text}", end="")
+    elif lc.launcher.name == "slurm":
+        from r2d2_hpc.launch.executors import slurm_executor
+
+        for run in runs:
+            executor = slurm_executor(study_dir / "jobs", lc, run.nodes, run.world_size // run.nodes)
+            options = ", ".join(f"{k}={v}" for k, v in sorted(executor.parameters.items()))
+            print(f"--- {run.name}: submitit sbatch options\n  {options}")
+    print(f"dry run (study.dry_run=true): nothing was started or written; {len(runs)} run(s) planned")
 
 
 def _finish(study: Study, lc: LaunchConfig) -> Path:

@@ -72,3 +72,33 @@ def run_config(lc: LaunchConfig, model: dict[str, Any], study_dir: Path, run: St
     )
     cfg.train.micro_batch(run.world_size)  # a global batch that cannot be split fails here, not in a job
     return cfg
+
+
+def describe(lc: LaunchConfig, runs: list[StudyRun], study_dir: Path) -> str:
+    """The plan in a few lines, printed before anything starts: runs, resources, steps, batch, LR, outputs."""
+    from r2d2_hpc.train.schedule import scaled_lr
+
+    t, lp = lc.train, lc.launcher
+    models = list(dict.fromkeys(r.model for r in runs))
+    scales = sorted({r.world_size if lp.name in ("local", "debug") else r.nodes for r in runs})
+    unit = "ranks" if lp.name in ("local", "debug") else lc.study.scale_unit
+    device = "GPU" if lp.gpus_per_node and lp.name not in ("local", "debug") else "CPU rank"
+    lines = [
+        f"plan: {len(runs)} run(s) = {len(models)} model(s) ({', '.join(models)}) x {len(scales)} scale(s) "
+        f"({', '.join(map(str, scales))} {unit}) x {lc.study.repeats} repeat(s), launcher={lp.name}",
+        f"  {'run':<22} {'nodes':>5} {device + 's':>10} {'global batch':>12} {'batch/rank':>10} {'peak lr':>9}",
+    ]
+    for r in runs:
+        batch = t.effective_global_batch(r.world_size)
+        lr = scaled_lr(t.lr, t.lr_scaling, batch, t.lr_reference_batch)
+        lines.append(
+            f"  {r.name:<22} {r.nodes:>5} {r.world_size:>10} {batch:>12} {batch // r.world_size:>10} {lr:>9.3g}"
+        )
+    fixed = "global batch fixed, split over ranks" if t.scaling == "strong" else "batch per rank fixed"
+    lines += [
+        f"  training: {t.max_steps} steps, {t.scaling} scaling ({fixed}), lr {t.lr:g} with rule "
+        f"{t.lr_scaling} (reference batch {t.lr_reference_batch}), warmup {t.warmup_steps} step(s), "
+        f"data {lc.data.shard_dir()}",
+        f"  results: {study_dir}/runs/<run>/ (logs, checkpoints, result.json); report: {study_dir}/report/",
+    ]
+    return "\n".join(lines)
