@@ -33,6 +33,7 @@ from r2d2_hpc.atomic import check_writable, disk_guard, write_text
 from r2d2_hpc.config import DataConfig, PrepareConfig, ShardConfig
 from r2d2_hpc.data.manifest import read_manifest, sha256_file, write_manifest
 from r2d2_hpc.data.preprocess import preprocess
+from r2d2_hpc.data.rerun import rerun_key
 from r2d2_hpc.data.shards import ShardReader, ShardWriter
 from r2d2_hpc.data.sources import Source, build_source
 from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, CaseRef, PreparedCase
@@ -338,6 +339,7 @@ def _staging_manifest(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _up_to_date(old: dict | None, records: list[dict], split: dict, cfg: PrepareConfig, s_hash: str) -> bool:
+    """Nothing to write: the same cases, split and rerun key (every output-changing setting, see data/rerun.py)."""
     if old is None or cfg.force or any(r["origin"] != "shards" for r in records):
         return False
     return (
@@ -345,6 +347,7 @@ def _up_to_date(old: dict | None, records: list[dict], split: dict, cfg: Prepare
         and set(old["cases"]) == {r["case_id"] for r in records}
         and old["storage"] == _storage(cfg.storage)
         and old["preprocessing"]["settings_hash"] == s_hash
+        and old["preprocessing"].get("rerun_key") == rerun_key(cfg.data, cfg.storage)
     )
 
 
@@ -407,7 +410,8 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         "channels": list(info.channel_names),
         "modality": info.modality,
         "layout": layout_of(cfg.data),
-        "preprocessing": cfg.data.preprocessing_settings() | {"settings_hash": s_hash},
+        "preprocessing": cfg.data.preprocessing_settings()
+        | {"settings_hash": s_hash, "rerun_key": rerun_key(cfg.data, cfg.storage)},
         "storage": _storage(cfg.storage),
         "split": split,
         "shards": shards,
