@@ -51,7 +51,6 @@ _CORRUPT_FIX = (
 _OPEN_DATASETS = 64  # datasets kept open per process (32 cases: image + label), reopening costs ~1 ms
 _MAX_CACHE_SLOTS = 100_003  # HDF5 allocates every slot up front: bound it for tiny chunks
 _MIN_CACHE_BYTES = 4 << 20
-_MAX_CACHE_BYTES = 16 << 20  # per open dataset: 64 of them stay under 1 GiB per process
 
 
 def sha256_file(path: str | Path, chunk_mib: float = 8) -> str:
@@ -206,10 +205,9 @@ class ShardReader:
 
     Handles are never opened in ``__init__`` and never pickled; a process forked after a read reopens its own.
     Windowed reads (``read_image(case, index)`` with an index) go through a cache of decoded chunks
-    (``chunk_cache_mib`` per process; 0 turns it off), see ``chunk_cache``. Whole-array reads and reads with the
-    cache off go through h5py, whose per-dataset chunk cache is ``cache_mib`` (else room for the chunks of about
-    4 samples, 4-16 MiB; none while the decoded cache is on) with a prime number of hash slots about 100 times
-    the chunks it holds. ``locking`` is HDF5 file locking (see ``open_shard``).
+    (``chunk_cache_mib`` per process; 0 turns it off and every read decodes from the file), see
+    ``chunk_cache``. Whole-array reads and reads with the cache off go through h5py, whose own per-dataset chunk
+    cache is off unless ``cache_mib`` is given. ``locking`` is HDF5 file locking (see ``open_shard``).
     """
 
     def __init__(
@@ -383,41 +381,23 @@ class ShardReader:
             )
 
     def _cache_params(self, shard: str) -> tuple[int, int]:
-        """(rdcc_nbytes, rdcc_nslots) for a shard, from the chunk shapes its cases record in the manifest."""
+        """(rdcc_nbytes, rdcc_nslots) of HDF5's own chunk cache for a shard: none unless ``cache_mib`` is set.
+
+        With the decoded-chunk cache on, HDF5's would hold the same chunks twice; with it off
+        (``chunk_cache_mib=0``) every read decodes, and so re-verifies, its chunks from the file.
+        """
+        if self.cache_mib is None:
+            return 0, 1
         itemsize = np.dtype(self.manifest.get("storage", {}).get("image_dtype", "float32")).itemsize
-        sample_bytes, smallest_chunk = 0, _MIN_CACHE_BYTES
+        smallest_chunk = _MIN_CACHE_BYTES
         for entry in self.manifest["cases"].values():
             chunks = entry.get("chunks")
-            if entry.get("shard") != shard or not chunks:
-                continue
-            for kind, size in (("image", itemsize), ("label", 1)):
-                shape = entry["shape"] if kind == "image" else entry["shape"][1:]
-                chunk_bytes = size * math.prod(chunks[kind])
-                smallest_chunk = min(smallest_chunk, chunk_bytes)
-                sample_bytes = max(
-                    sample_bytes, chunk_bytes * _chunks_per_sample(shape, chunks[kind], self.layout)
+            if entry.get("shard") == shard and chunks:
+                smallest_chunk = min(
+                    smallest_chunk, itemsize * math.prod(chunks["image"]), math.prod(chunks["label"])
                 )
-        if self.cache_mib is not None:
-            nbytes = int(self.cache_mib * 2**20)
-        elif self.chunk_cache.max_bytes:
-            return 0, 1  # decoded chunks are cached above HDF5; its own cache would hold them twice
-        else:
-            nbytes = int(min(max(4 * sample_bytes, _MIN_CACHE_BYTES), _MAX_CACHE_BYTES))
+        nbytes = int(self.cache_mib * 2**20)
         return nbytes, _next_prime(min(_MAX_CACHE_SLOTS, 100 * max(1, nbytes // max(1, smallest_chunk))))
-
-
-def _chunks_per_sample(shape: list[int], chunks: list[int], layout: dict[str, Any]) -> int:
-    """Chunks one sample touches at most (a slice: one along the slice axis; a patch: one more per axis)."""
-    counts = [math.ceil(s / c) for s, c in zip(shape[-3:], chunks[-3:], strict=True)]
-    if layout.get("kind") == "2d" and layout.get("slice_axis") in (0, 1, 2):
-        counts[layout["slice_axis"]] = 1
-    elif layout.get("kind") == "3d" and len(layout.get("patch_size", [])) == 3:
-        counts = [
-            min(n, math.ceil(p / c) + 1)
-            for n, p, c in zip(counts, layout["patch_size"], chunks[-3:], strict=True)
-        ]
-    lead = math.ceil(shape[0] / chunks[0]) if len(shape) == 4 else 1
-    return lead * math.prod(counts)
 
 
 def _next_prime(n: int) -> int:
