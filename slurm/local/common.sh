@@ -1,6 +1,9 @@
 # Shared by start.sh and stop.sh (sourced, not run): settings, paths and small process helpers.
 #
 # Settings (environment variables):
+#   R2D2_SLURM_NODES    nodes node1..nodeN, each a slurmd in its own UTS + mount namespace with a share of the CPUs
+#                       and memory (default 2); 1: one node named after this host, with all of them
+#   R2D2_SLURM_GRACE_S  GraceTime of partition low: seconds between a preemption's SIGTERM and SIGKILL (30)
 #   R2D2_SLURM_DIR      state root: pid files, logs, controller state, spool, MariaDB datadir (/tmp/r2d2-slurm)
 #   R2D2_SLURM_DB_PORT  MariaDB's TCP port on 127.0.0.1 (6830: not 3306, so a system MariaDB/MySQL never clashes)
 #   R2D2_SLURM_FRESH    1: a (re)started controller forgets old jobs, in its state AND in the accounting DB, so
@@ -22,12 +25,17 @@ MYDIR=$R2D2_SLURM_DIR/mysql
 MYCNF=$MYDIR/my.cnf
 MUNGE_PID=/run/munge/munged.pid
 CTLD_PID=$R2D2_SLURM_DIR/run/slurmctld.pid
-SLURMD_PID=$R2D2_SLURM_DIR/run/slurmd.pid
+# slurmd_pid NODE: the pid file of that node's slurmd (SlurmdPidFile=.../slurmd-%n.pid)
+slurmd_pid() { echo "$R2D2_SLURM_DIR/run/slurmd-$1.pid"; }
+# Every slurmd pid file, whatever node count wrote it (slurmd.pid: written by older versions of start.sh).
+slurmd_pid_files() { compgen -G "$R2D2_SLURM_DIR/run/slurmd-*.pid" || true; compgen -G "$R2D2_SLURM_DIR/run/slurmd.pid" || true; }
 DBD_PID=$R2D2_SLURM_DIR/run/slurmdbd.pid
 MY_PID=$MYDIR/mysqld.pid
 LOGDIR=$R2D2_SLURM_DIR/log
 PORT_CTLD=6817
-PORT_SLURMD=6818
+PORT_SLURMD=6818 # one node; with several, node i listens on PORT_SLURMD_BASE + i
+PORT_SLURMD_BASE=7820
+HOSTS_FILE=$R2D2_SLURM_DIR/hosts # bind-mounted over /etc/hosts inside each node: every node name resolves
 PORT_DBD=6819
 
 T0=$(date +%s.%N)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Starts a real single-node Slurm cluster with accounting on this machine, for the tests: munged, a private
-# MariaDB, slurmdbd, slurmctld and slurmd from Debian 12 packages (installed when missing), all on 127.0.0.1,
-# no systemd needed. Waits until the node is idle and `sacct` reports a finished warm-up job.
+# Starts a real Slurm cluster with accounting on this machine, for the tests: munged, a private MariaDB, slurmdbd,
+# slurmctld and R2D2_SLURM_NODES slurmd (default 2: node1, node2, each in its own UTS + mount namespace, so each
+# is a different host whose /etc/hosts resolves every node name) from Debian 12 packages (installed when
+# missing), all on 127.0.0.1, no systemd needed. Partitions: low (default, preemptible) and high (preempts low).
+# Waits until every node is idle and `sacct` reports a finished warm-up job that ran on all of them.
 #
 # Idempotent: installs only missing packages, starts only daemons that are down, restarts those whose config
 # changed, and returns in about a second when everything is already up. Needs root.
@@ -12,6 +14,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 R2D2_SLURM_FRESH=${R2D2_SLURM_FRESH:-1}
 R2D2_SLURM_WAIT_S=${R2D2_SLURM_WAIT_S:-60}
 R2D2_SLURM_WARMUP=${R2D2_SLURM_WARMUP:-1}
+R2D2_SLURM_NODES=${R2D2_SLURM_NODES:-2}
+R2D2_SLURM_GRACE_S=${R2D2_SLURM_GRACE_S:-30}
 DB_NAME=slurm_acct_db
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server procps)
 STARTED=0 # 1 once any daemon was (re)started: then the warm-up job proves the whole path again
@@ -112,8 +116,19 @@ write_configs() {
   HW="Boards=$(field Boards) SocketsPerBoard=$(field SocketsPerBoard) CoresPerSocket=$(field CoresPerSocket)"
   HW="$HW ThreadsPerCore=$(field ThreadsPerCore)"
   MEM=$(($(field RealMemory) * 95 / 100)) # at or above the real size, slurmd drains the node ("Low RealMemory")
-  MEM_PER_CPU=$((MEM / CPUS))
-  mkdir -p /etc/slurm "$R2D2_SLURM_DIR"/{state/ctld,spool/slurmd,run,log}
+  if [ "$R2D2_SLURM_NODES" = 1 ]; then
+    NODES=("$NODE")
+    NODE_CPUS=$CPUS NODE_MEM=$MEM
+  else
+    NODES=()
+    for i in $(seq "$R2D2_SLURM_NODES"); do NODES+=("node$i"); done
+    # A share each; more nodes than CPUs oversubscribe (each node still claims one CPU).
+    NODE_CPUS=$((CPUS / R2D2_SLURM_NODES > 0 ? CPUS / R2D2_SLURM_NODES : 1))
+    NODE_MEM=$((MEM / R2D2_SLURM_NODES))
+  fi
+  MEM_PER_CPU=$((NODE_MEM / NODE_CPUS))
+  mkdir -p /etc/slurm "$R2D2_SLURM_DIR"/{state/ctld,run,log}
+  for n in "${NODES[@]}"; do mkdir -p "$R2D2_SLURM_DIR/spool/$n"; done
   chmod 0755 "$R2D2_SLURM_DIR"
   install -d -o mysql -g mysql -m 0755 "$MYDIR"
   if [ ! -s "$MYDIR/slurm_db_pass" ]; then
@@ -121,22 +136,64 @@ write_configs() {
   fi
   DBPASS=$(cat "$MYDIR/slurm_db_pass")
   CONF_CHANGED=0 DBD_CONF_CHANGED=0 MY_CHANGED=0
-  if install_file "$CONF" 0644 "$(render "$HERE/slurm.conf.in")"; then
+  if install_file "$CONF" 0644 "$(render "$HERE/slurm.conf.in"; node_lines)"; then
     CONF_CHANGED=1
-    log "wrote $CONF (node $NODE, $CPUS CPUs, RealMemory $MEM MiB)"
+    log "wrote $CONF (nodes ${NODES[*]}: $NODE_CPUS CPU(s), RealMemory $NODE_MEM MiB each)"
   fi
+  # Inside each node: this machine's /etc/hosts plus every node name (so the first host of a job's node list is
+  # a working rendezvous address, as on a real cluster).
+  local hosts
+  hosts=$(grep -vE "^127\.0\.0\.1[[:space:]]+node[0-9]+([[:space:]]|$)" /etc/hosts; echo "127.0.0.1 ${NODES[*]}")
+  HOSTS_CHANGED=0
+  install_file "$HOSTS_FILE" 0644 "$hosts" && HOSTS_CHANGED=1
   install_file "$DBD_CONF" 0600 "$(render "$HERE/slurmdbd.conf.in")" && DBD_CONF_CHANGED=1 && log "wrote $DBD_CONF"
   install_file "$MYCNF" 0644 "$(render "$HERE/mariadb.cnf.in")" && MY_CHANGED=1 && log "wrote $MYCNF"
   CLUSTER=$(sed -n 's/^ClusterName=//p' "$CONF")
-  PARTITION=$(sed -n 's/^PartitionName=\([^ ]*\).*/\1/p' "$CONF" | head -1)
+  PARTITION=$(sed -n 's/^PartitionName=\([^ ]*\).*Default=YES.*/\1/p' "$CONF" | head -1)
+}
+
+# node_lines: the NodeName and PartitionName lines of slurm.conf. One node keeps the machine's own name and
+# hardware description; several each get a name, a port and a share of the CPUs and memory.
+node_lines() {
+  local i=0 n
+  if [ "$R2D2_SLURM_NODES" = 1 ]; then
+    echo "NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS $HW RealMemory=$MEM State=UNKNOWN"
+  else
+    # All on 127.0.0.1 with a port each: distinct loopback addresses break srun's I/O inside batch jobs.
+    for n in "${NODES[@]}"; do
+      i=$((i + 1))
+      echo "NodeName=$n NodeAddr=127.0.0.1 NodeHostname=$n Port=$((PORT_SLURMD_BASE + i))" \
+        "CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN"
+    done
+  fi
+  echo "# low: the default, preemptible (SIGTERM, then SIGKILL after GraceTime); high: preempts low"
+  echo "PartitionName=low Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE" \
+    "GraceTime=$R2D2_SLURM_GRACE_S"
+  echo "PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"
+}
+
+# any_slurmd: some slurmd of this state root is alive.
+any_slurmd() {
+  local pf
+  for pf in $(slurmd_pid_files); do alive "$pf" slurmd && return 0; done
+  return 1
+}
+
+stop_slurmds() {
+  local pf
+  for pf in $(slurmd_pid_files); do stop_pid "$pf" slurmd; done
 }
 
 # restart_changed: daemons whose config changed stop here and start again below.
 restart_changed() {
-  if [ "$CONF_CHANGED" = 1 ] && { alive "$CTLD_PID" slurmctld || alive "$SLURMD_PID" slurmd; }; then
+  if [ "$CONF_CHANGED" = 1 ] && { alive "$CTLD_PID" slurmctld || any_slurmd; }; then
     log "slurm.conf changed: restarting slurmd and slurmctld"
-    stop_pid "$SLURMD_PID" slurmd
+    stop_slurmds
     stop_pid "$CTLD_PID" slurmctld
+  fi
+  if [ "$HOSTS_CHANGED" = 1 ] && any_slurmd; then
+    log "$HOSTS_FILE changed: restarting slurmd (each node sees the file it was started with)"
+    stop_slurmds
   fi
   if alive "$CTLD_PID" slurmctld && ! timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; then
     log "slurmctld (pid $(cat "$CTLD_PID")) does not answer: restarting it"
@@ -228,39 +285,70 @@ start_slurmctld() {
   log "started slurmctld (pid $(cat "$CTLD_PID"))"
 }
 
+# start_slurmd NODE PORT: one node's slurmd. With several nodes each runs in its own UTS namespace (hostname =
+# node name: slurmd takes its node name from it, and so does every job step it starts) and mount namespace
+# (/etc/hosts = $HOSTS_FILE). Job steps inherit both.
 start_slurmd() {
-  alive "$SLURMD_PID" slurmd && return 0
-  rm -f "$SLURMD_PID"
-  need_port "$PORT_SLURMD" slurmd
+  local node=$1 port=$2 pf
+  pf=$(slurmd_pid "$node")
+  alive "$pf" slurmd && return 0
+  rm -f "$pf"
+  need_port "$port" "slurmd of $node"
   STARTED=1
-  spawn slurmd -N "$NODE"
-  for _ in $(seq 50); do alive "$SLURMD_PID" slurmd && break; sleep 0.1; done
-  alive "$SLURMD_PID" slurmd || { tail -20 "$LOGDIR/slurmd.log" >&2; die "slurmd did not start"; }
-  log "started slurmd (pid $(cat "$SLURMD_PID"))"
+  if [ "$R2D2_SLURM_NODES" = 1 ]; then
+    spawn slurmd -N "$node"
+  else
+    spawn unshare --uts --mount --propagation private bash -c \
+      "hostname '$node' && mount --bind '$HOSTS_FILE' /etc/hosts && exec slurmd"
+  fi
+  for _ in $(seq 50); do alive "$pf" slurmd && break; sleep 0.1; done
+  alive "$pf" slurmd || { tail -20 "$LOGDIR/slurmd-$node.log" >&2; die "slurmd of $node did not start"; }
+  log "started slurmd of $node (pid $(cat "$pf"), 127.0.0.1:$port)"
+}
+
+start_slurmds() {
+  local i=0 n
+  if [ "$R2D2_SLURM_NODES" = 1 ]; then
+    start_slurmd "$NODE" "$PORT_SLURMD"
+    return
+  fi
+  for n in "${NODES[@]}"; do
+    i=$((i + 1))
+    start_slurmd "$n" $((PORT_SLURMD_BASE + i))
+  done
 }
 
 wait_idle() {
-  local state="" deadline=$(($(date +%s) + R2D2_SLURM_WAIT_S))
+  local states="" deadline=$(($(date +%s) + R2D2_SLURM_WAIT_S)) ready node state
   while [ "$(date +%s)" -lt "$deadline" ]; do
     # sinfo retries for ~9 s when slurmctld is unreachable: bound every call.
-    state=$(timeout 5 sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -1 || true)
-    case "$state" in
-      idle | mixed | allocated | completing) return 0 ;;
-      # left DOWN/DRAINED by an unclean stop: resume it once slurmd has registered
-      *drain* | *down* | *fail*) scontrol update nodename="$NODE" state=resume 2>/dev/null || true ;;
-    esac
+    states=$(timeout 5 sinfo -h -N -p low -o '%N %T' 2>/dev/null || true)
+    ready=0
+    for node in "${NODES[@]}"; do
+      state=$(echo "$states" | awk -v n="$node" '$1 == n {print $2; exit}')
+      case "$state" in
+        idle | mixed | allocated | completing) ready=$((ready + 1)) ;;
+        # left DOWN/DRAINED by an unclean stop: resume it once slurmd has registered
+        *drain* | *down* | *fail*) scontrol update nodename="$node" state=resume 2>/dev/null || true ;;
+      esac
+    done
+    [ "$ready" = "${#NODES[@]}" ] && return 0
     sleep 0.2
   done
-  scontrol show node "$NODE" >&2 || true
-  tail -20 "$LOGDIR/slurmd.log" >&2
-  die "node $NODE is '$state', not idle, after $R2D2_SLURM_WAIT_S s"
+  scontrol show node >&2 || true
+  tail -5 "$LOGDIR"/slurmd-*.log >&2
+  die "nodes are not all idle after $R2D2_SLURM_WAIT_S s: $(echo "$states" | tr '\n' ' ')"
 }
 
 # warm_up: the first batch job after slurmctld starts waits ~3 s for a scheduling pass. Taking that wait here
 # also proves the whole path (munge, slurmstepd, slurmctld -> slurmdbd -> MariaDB -> sacct) before any test.
+# With several nodes the warm-up job spans all of them and checks, on each, that the host name is the node's name
+# and that every node name resolves.
 warm_up() {
-  local jid st="" deadline
-  jid=$(sbatch --parsable -J r2d2-warmup -o /dev/null -e /dev/null --wrap true)
+  local jid st="" deadline check
+  check="[ \"\$(hostname)\" = \"\$SLURMD_NODENAME\" ] && getent hosts ${NODES[*]} >/dev/null"
+  jid=$(sbatch --parsable -J r2d2-warmup -N "${#NODES[@]}" --ntasks-per-node=1 -o "$LOGDIR/warmup.out" \
+    -e "$LOGDIR/warmup.out" --wrap "srun --kill-on-bad-exit=1 bash -c '$check'")
   deadline=$(($(date +%s) + 30))
   while [ "$(date +%s)" -lt "$deadline" ]; do
     st=$(sacct -n -X -P -j "$jid" -o State 2>/dev/null | head -1 || true)
@@ -268,11 +356,15 @@ warm_up() {
     sleep 0.1
   done
   scontrol show job "$jid" >&2 || true
-  tail -5 "$LOGDIR/slurmctld.log" "$LOGDIR/slurmdbd.log" >&2
+  tail -5 "$LOGDIR/warmup.out" "$LOGDIR/slurmctld.log" "$LOGDIR/slurmdbd.log" >&2
   die "warm-up job $jid is '$st' in sacct, not COMPLETED, after 30 s"
 }
 
 [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts system daemons)"
+[[ "$R2D2_SLURM_NODES" =~ ^[1-9][0-9]?$ ]] ||
+  die "R2D2_SLURM_NODES=$R2D2_SLURM_NODES: expected a node count from 1 to 99 (default 2)"
+[[ "$R2D2_SLURM_GRACE_S" =~ ^[0-9]+$ ]] ||
+  die "R2D2_SLURM_GRACE_S=$R2D2_SLURM_GRACE_S: expected whole seconds (default 30)"
 lock
 install_packages
 lap "packages"
@@ -290,14 +382,14 @@ start_slurmdbd
 lap "slurmdbd"
 start_slurmctld
 lap "slurmctld"
-start_slurmd
+start_slurmds
 wait_idle
-lap "slurmd, node idle"
+lap "slurmd, nodes idle"
 if [ "$STARTED" = 1 ] && [ "$R2D2_SLURM_WARMUP" = 1 ]; then
   warm_up
   lap "warm-up job in sacct"
 fi
 [ "$STARTED" = 1 ] && how="started" || how="already up"
-log "cluster $CLUSTER $how: node $NODE, partition $PARTITION, $CPUS CPUs, $MEM MiB;" \
-  "state and logs in $R2D2_SLURM_DIR"
+log "cluster $CLUSTER $how: nodes ${NODES[*]} ($NODE_CPUS CPU(s), $NODE_MEM MiB each), partitions" \
+  "$PARTITION (default) and high; state and logs in $R2D2_SLURM_DIR"
 printf '[r2d2-slurm start] TIMING %-28s %6s s\n' TOTAL "$(since "$T0")"

@@ -1,4 +1,5 @@
-"""The real single-node Slurm cluster for the tests marked ``slurm`` (started by ``slurm/local/start.sh``).
+"""The real local Slurm cluster for the tests marked ``slurm`` (started by ``slurm/local/start.sh``: by default two
+nodes, ``node1`` and ``node2``, with one CPU each, and partitions ``low`` (default, preemptible) and ``high``).
 
 ``slurm_cluster`` (session) starts the cluster on demand when pytest runs as root, which CI does, and skips every
 test that uses it otherwise, or when the start fails (the tail of the logs is printed; ``R2D2_REQUIRE_SLURM=1``
@@ -38,12 +39,18 @@ SACCT_FIELDS += ("NNodes", "NCPUS", "NodeList", "AllocTRES")
 class SlurmCluster:
     """The running test cluster: what tests need to submit to it and to read its accounting."""
 
-    partition: str  # the default partition, holding the one node
-    node: str  # the node's name (the short hostname)
-    num_cpus: int  # CPUs of the node, as Slurm counts them
-    mem_mib: int  # the node's RealMemory
+    partition: str  # the default partition (low: preemptible)
+    nodes: tuple[str, ...]  # node names, sorted (node1, node2, ...; one node: the short hostname)
+    num_cpus: int  # CPUs of each node, as Slurm counts them
+    mem_mib: int  # each node's RealMemory
     state_dir: Path  # pid files, logs (log/), controller state, accounting DB
     python: str  # the interpreter that jobs run (this venv's)
+    high_partition: str | None = None  # the partition whose jobs preempt the default one's (None: none)
+
+    @property
+    def node(self) -> str:
+        """The first node."""
+        return self.nodes[0]
 
     def executor(self, folder: Path, **params: Any) -> Any:
         """A submitit AutoExecutor for this cluster: one CPU per task and 5 minutes unless ``params`` say else."""
@@ -132,9 +139,16 @@ def _local_cluster_up() -> bool:
 
 
 def _describe(state_dir: Path) -> SlurmCluster:
-    # "%P %c %m %n": partition (the default one marked *), CPUs, memory (MiB), node name
-    line = run_cmd(["sinfo", "-h", "-N", "-o", "%P %c %m %n"]).stdout.split("\n")[0].split()
-    return SlurmCluster(line[0].rstrip("*"), line[3], int(line[1]), int(line[2]), state_dir, sys.executable)
+    # "%P %c %m %N": partition (the default one marked *), CPUs, memory (MiB), node name; one line per node x partition
+    rows = [
+        ln.split() for ln in run_cmd(["sinfo", "-h", "-N", "-o", "%P %c %m %N"]).stdout.splitlines() if ln
+    ]
+    default = next(r for r in rows if r[0].endswith("*"))
+    partition = default[0].rstrip("*")
+    nodes = tuple(sorted({r[3] for r in rows if r[0] == default[0]}))
+    others = sorted({r[0] for r in rows} - {default[0]})
+    high = "high" if "high" in others else None
+    return SlurmCluster(partition, nodes, int(default[1]), int(default[2]), state_dir, sys.executable, high)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from r2d2_hpc.train.dist import derived_port
+
 pytestmark = pytest.mark.slurm
 
 
@@ -18,12 +20,14 @@ def _square_slowly(x: int, sleep_s: float) -> tuple[int, str, str]:
 
 
 def _all_reduce_rank() -> dict:
+    import socket
+
     import torch
     import torch.distributed as tdist
 
     from r2d2_hpc.train.dist import destroy_process_group, dist_env_from_environ, init_process_group
 
-    torch.set_num_threads(1)  # two ranks share the node's CPUs
+    torch.set_num_threads(1)  # ranks share the machine's CPUs
     env = dist_env_from_environ(backend="gloo")
     init_process_group(env, timeout_s=60)
     try:
@@ -39,41 +43,42 @@ def _all_reduce_rank() -> dict:
         "sum": total.item(),
         "source": env.source,
         "job_id": env.job_id,
+        "addr": env.master_addr,
         "port": env.master_port,
+        "host": socket.gethostname(),
+        "nodes": env.num_nodes,
     }
 
 
-def test_one_task_job_returns_its_result_and_is_accounted(slurm_cluster, job_dir: Path) -> None:
-    job = slurm_cluster.executor(job_dir).submit(_square_slowly, 7, 1.5)
-
-    assert job.result() == (49, job.job_id, slurm_cluster.partition)
-    row = slurm_cluster.wait_sacct(job.job_id)
-    assert (row["State"], row["ExitCode"], row["NNodes"], row["NCPUS"]) == ("COMPLETED", "0:0", "1", "1")
-    elapsed_s = slurm_cluster.elapsed_s(row["Elapsed"])
-    assert 1 <= elapsed_s <= 60
-    assert int(row["ElapsedRaw"]) == elapsed_s
-    start, end = slurm_cluster.timestamp(row["Start"]), slurm_cluster.timestamp(row["End"])
-    assert slurm_cluster.timestamp(row["Submit"]) <= start <= end
-    assert abs((end - start).total_seconds() - elapsed_s) <= 1
-    assert "cpu=1" in row["AllocTRES"].split(",")
-    assert any(item.startswith("mem=") for item in row["AllocTRES"].split(","))
-
-
-def test_two_task_job_forms_a_gloo_group(slurm_cluster, job_dir: Path) -> None:
-    job = slurm_cluster.executor(job_dir, tasks_per_node=2).submit(_all_reduce_rank)
+def test_two_node_job_forms_a_gloo_group_across_hosts(slurm_cluster, job_dir: Path) -> None:
+    if len(slurm_cluster.nodes) < 2:
+        pytest.skip("needs a cluster of 2 nodes (R2D2_SLURM_NODES=2)")
+    job = slurm_cluster.executor(job_dir, nodes=2, tasks_per_node=1).submit(_all_reduce_rank)
 
     results = sorted(job.results(), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
-        assert (r["world_size"], r["group_size"], r["sum"]) == (2, 2, 3.0)  # 1 + 2 from ranks 0 and 1
+        assert (r["world_size"], r["group_size"], r["sum"], r["nodes"]) == (
+            2,
+            2,
+            3.0,
+            2,
+        )  # 1 + 2 from the ranks
         assert (r["source"], r["job_id"]) == ("slurm", job.job_id)
-    assert results[0]["port"] == results[1]["port"] == 20000 + int(job.job_id) % 20000
-    assert slurm_cluster.wait_sacct(job.job_id)["State"] == "COMPLETED"
+    # Each task ran on its own node, under that node's name, and met at the first host of the node list.
+    assert [r["host"] for r in results] == list(slurm_cluster.nodes[:2])
+    assert {r["addr"] for r in results} == {slurm_cluster.nodes[0]}
+    assert results[0]["port"] == results[1]["port"] == derived_port(job.job_id, "0") < 32768
+    row = slurm_cluster.wait_sacct(job.job_id)
+    assert (row["State"], row["NNodes"], row["NodeList"]) == ("COMPLETED", "2", "node[1-2]")
     rows = {
         r["JobID"]: r
-        for r in slurm_cluster.sacct(job.job_id, fields=("JobID", "State", "NTasks"), steps=True)
+        for r in slurm_cluster.sacct(job.job_id, fields=("JobID", "State", "NTasks", "NNodes"), steps=True)
     }
-    assert rows[f"{job.job_id}.0"]["NTasks"] == "2"  # one srun step with both ranks
+    assert (rows[f"{job.job_id}.0"]["NTasks"], rows[f"{job.job_id}.0"]["NNodes"]) == (
+        "2",
+        "2",
+    )  # one srun step
 
 
 MINIMAL_SCRIPT = """#!/bin/bash
