@@ -3,9 +3,11 @@
 One function reads what ``torchrun``, ``srun`` or submitit's LocalExecutor exported (in that order of precedence)
 and returns a frozen :class:`DistEnv`; the training code never looks at the environment itself. ``MASTER_ADDR``
 and ``MASTER_PORT`` always win over derived values. Under Slurm the rendezvous host is the first host of the step's
-(else the job's) node list, expanded in pure Python, and the port is ``20000 + job_id % 20000`` so that every task
-of a job derives the same one without talking to the others; two runs sharing one allocation at the same time must
-set ``MASTER_PORT`` themselves. submitit's Slurm executor exports the Slurm variables, so it is read as Slurm;
+(else the job's) node list, expanded in pure Python, and the port is derived from the job id and the step id (see
+:func:`derived_port`) so that every task of a step derives the same one without talking to the others, while two
+steps of one job (two runs sharing an allocation) and two jobs on one node get different ones. A multi-task Slurm
+job whose ranks were not started by ``srun`` (``python -m r2d2_hpc.train`` run by the batch script itself) fails
+at once, instead of waiting as rank 0 for ranks that never start. submitit's Slurm executor exports the Slurm variables, so it is read as Slurm;
 its LocalExecutor's own variables win over ``SLURM_*`` inherited from an allocation it runs inside.
 
 :class:`Heartbeat` lets a surviving rank name the rank that died: every rank publishes (step, wall time) to the
@@ -36,8 +38,10 @@ from r2d2_hpc.errors import ConfigError, problem
 
 log = logging.getLogger(__name__)
 
-# Derived ports lie in [20000, 40000): above the well-known range, below Linux' ephemeral one.
-PORT_BASE = 20000
+# Derived ports lie in [PORT_BASE, PORT_END): above the well-known range and below Linux' ephemeral range (32768
+# and up, /proc/sys/net/ipv4/ip_local_port_range), where an outgoing connection could already hold the port.
+PORT_BASE, PORT_END = 15000, 32768
+STEPS_PER_JOB = 8  # steps of one job running at once that get distinct ports
 HEARTBEAT_KEY = "r2d2/heartbeat/{rank}"
 _state: dict[str, float] = {}  # the timeout given to init_process_group, for describe_failure
 _heartbeats: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
@@ -148,6 +152,18 @@ def _from_slurm(env: dict[str, str]) -> _Parts:
             "`srun --ntasks=N python -m r2d2_hpc.train ...`"
         )
     world = _int(env, world_var)
+    step_id = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
+    if not _srun_step(step_id) and world > 1:
+        raise ConfigError(
+            problem(
+                f"{world_var}={world}",
+                f"this process runs in the batch script of a {world}-task Slurm job, not in a task started "
+                f"by srun (no SLURM_STEP_ID), so it would wait as rank 0 of {world} for ranks that never start",
+                "one process per task, started by srun",
+                "start it with `srun python -m r2d2_hpc.train ...` in the sbatch script (or run it with "
+                "--ntasks=1)",
+            )
+        )
     per_node_var = _first(env, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
     counts = parse_tasks_per_node(env[per_node_var], per_node_var) if per_node_var else None
     nodes_var = _first(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
@@ -166,7 +182,7 @@ def _from_slurm(env: dict[str, str]) -> _Parts:
         local_world = -(-world // nodes)
     host_var = _first(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     addr = expand_nodelist(env[host_var], host_var)[0] if host_var else None
-    port = _derived_port(env["SLURM_JOB_ID"], "SLURM_JOB_ID") if env.get("SLURM_JOB_ID") else None
+    port = derived_port(env["SLURM_JOB_ID"], step_id, "SLURM_JOB_ID") if env.get("SLURM_JOB_ID") else None
     names = ("SLURM_PROCID", world_var, "SLURM_LOCALID", per_node_var or "SLURM_NTASKS / SLURM_NNODES")
     rank, local_rank = _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID")
     return _Parts(rank, world, local_rank, local_world, nodes, addr, port, "slurm", names)
@@ -178,7 +194,7 @@ def _from_submitit_local(env: dict[str, str]) -> _Parts:
     rank = _int(env, "SUBMITIT_LOCAL_GLOBALID")
     local_rank = _int(env, "SUBMITIT_LOCAL_LOCALID") if "SUBMITIT_LOCAL_LOCALID" in env else 0
     job_id = env.get("SUBMITIT_LOCAL_JOB_ID")
-    port = _derived_port(job_id, "SUBMITIT_LOCAL_JOB_ID") if job_id else None
+    port = derived_port(job_id, None, "SUBMITIT_LOCAL_JOB_ID") if job_id else None
     ntasks = "SUBMITIT_LOCAL_NTASKS"
     names = ("SUBMITIT_LOCAL_GLOBALID", ntasks, "SUBMITIT_LOCAL_LOCALID", ntasks)
     return _Parts(rank, world, local_rank, world, 1, "127.0.0.1", port, "submitit", names)
@@ -216,11 +232,26 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise ConfigError(f"{name}={env[name]!r} is not an integer") from None
 
 
-def _derived_port(job_id: str, name: str) -> int:
+def _srun_step(step_id: str | None) -> bool:
+    """The step id is an srun step's (0, 1, ...), not absent (a batch script) nor a special step's id
+    (batch 4294967291, extern 4294967292, interactive 4294967290, or those names)."""
+    return step_id is not None and step_id.isdigit() and int(step_id) < 0xFFFFFFF0
+
+
+def derived_port(job_id: str, step_id: str | None = None, name: str = "SLURM_JOB_ID") -> int:
+    """The rendezvous port of a job step: in [PORT_BASE, PORT_END), the same on every task of the step.
+
+    Consecutive job ids are ``STEPS_PER_JOB`` ports apart and each of a job's first ``STEPS_PER_JOB`` concurrent
+    steps has its own port, so runs on one node collide only when their job ids are more than
+    ``(PORT_END - PORT_BASE) / STEPS_PER_JOB`` (2,221) apart and congruent. Non-numeric step ids (a batch
+    script's) count as step 0.
+    """
     digits = re.sub(r"\D", "", job_id)
     if not digits:
         raise ConfigError(f"{name}={job_id!r} has no digits to derive a port from; set MASTER_PORT")
-    return PORT_BASE + int(digits) % 20000
+    step = int(step_id) if _srun_step(step_id) else 0
+    key = int(digits) * STEPS_PER_JOB + step % STEPS_PER_JOB
+    return PORT_BASE + key % (PORT_END - PORT_BASE)
 
 
 def _resolve_backend(backend: str) -> str:

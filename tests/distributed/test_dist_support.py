@@ -163,7 +163,7 @@ def test_submitit_local_executor_environment(tmp_path: Path, monkeypatch: pytest
     submitit = pytest.importorskip("submitit")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)  # the tasks inherit this process' environment
-    from r2d2_hpc.train.dist import dist_env_from_environ
+    from r2d2_hpc.train.dist import derived_port, dist_env_from_environ
 
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(tasks_per_node=2, timeout_min=2)
@@ -174,7 +174,7 @@ def test_submitit_local_executor_environment(tmp_path: Path, monkeypatch: pytest
         (1, 1, 2, 2),
     ]
     assert {(e.source, e.master_addr, e.master_port, e.num_nodes, e.job_id) for e in envs} == {
-        ("submitit", "127.0.0.1", 20000 + int(job.job_id) % 20000, 1, None)
+        ("submitit", "127.0.0.1", derived_port(job.job_id), 1, None)
     }
 
 

@@ -51,10 +51,10 @@ def _launch_config(slurm_cluster, shards: Path, study_dir: Path, **train: object
             partition=slurm_cluster.partition,
             cpus_per_task=1,
             time_min=10,
-            tasks_per_node=2,
+            tasks_per_node=1,
             python=sys.executable,
         ),
-        study=StudyConfig(name="t", scales=[2], scale_unit="ranks", dir=str(study_dir), report=False),
+        study=StudyConfig(name="t", scales=[2], scale_unit="nodes", dir=str(study_dir), report=False),
     )
 
 
@@ -69,10 +69,10 @@ def test_study_with_two_scales_is_submitted_collected_and_reported(
         "launcher=slurm",
         f"launcher.partition={slurm_cluster.partition}",
         "launcher.cpus_per_task=1",
-        "launcher.tasks_per_node=2",
+        "launcher.tasks_per_node=1",
         "launcher.time_min=10",
         f"launcher.python={sys.executable}",
-        "study.scale_unit=ranks",
+        "study.scale_unit=nodes",
         "study.scales=[1,2]",
         "model=unet",
         "model.depth=2",
@@ -89,14 +89,14 @@ def test_study_with_two_scales_is_submitted_collected_and_reported(
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = {r["name"]: r for r in json.loads((study / "study.json").read_text())["runs"]}
-    assert {n: r["state"] for n, r in runs.items()} == {"unet-w1-r0": "COMPLETED", "unet-w2-r0": "COMPLETED"}
-    header = read_jsonl(study / "runs" / "unet-w2-r0" / "timing" / "rank1.jsonl")[0]
-    assert header["world_size"] == 2 and header["slurm_job_id"] == runs["unet-w2-r0"]["job_id"]
-    single = read_jsonl(study / "runs" / "unet-w1-r0" / "timing" / "rank0.jsonl")[0]
+    assert {n: r["state"] for n, r in runs.items()} == {"unet-n1-r0": "COMPLETED", "unet-n2-r0": "COMPLETED"}
+    header = read_jsonl(study / "runs" / "unet-n2-r0" / "timing" / "rank1.jsonl")[0]
+    assert header["world_size"] == 2 and header["slurm_job_id"] == runs["unet-n2-r0"]["job_id"]
+    single = read_jsonl(study / "runs" / "unet-n1-r0" / "timing" / "rank0.jsonl")[0]
     assert (
-        single["world_size"] == 1 and not (study / "runs" / "unet-w1-r0" / "timing" / "rank1.jsonl").exists()
+        single["world_size"] == 1 and not (study / "runs" / "unet-n1-r0" / "timing" / "rank1.jsonl").exists()
     )
-    acct = json.loads((study / "runs" / "unet-w2-r0" / "slurm.json").read_text())
+    acct = json.loads((study / "runs" / "unet-n2-r0" / "slurm.json").read_text())
     assert acct["state"] == "COMPLETED" and acct["cpus"] == 2 and acct["elapsed_s"] >= 1
     assert acct["queue_wait_s"] is not None and acct["queue_wait_s"] >= 0
     scaling = (study / "report" / "scaling.csv").read_text().splitlines()
@@ -109,12 +109,12 @@ def test_failed_job_is_reported_while_the_rest_completes(slurm_cluster, shards: 
     lc.study.scales = [1, 2]
     runs = plan(lc, model_configs(lc, explicit_model=True))
     configs = {r.name: run_config(lc, lc.model, job_dir / "study", r) for r in runs}
-    configs["unet-w1-r0"].data = DataConfig(name="msd", root=".", shards=str(job_dir / "no-such-shards"))
+    configs["unet-n1-r0"].data = DataConfig(name="msd", root=".", shards=str(job_dir / "no-such-shards"))
     study = Study.create(job_dir / "study", runs, "slurm", {})
     wait_all(study, submit_slurm(study, lc, configs))
     states = {r.name: r for r in study.runs}
-    assert states["unet-w2-r0"].state == "COMPLETED"
-    bad = states["unet-w1-r0"]
+    assert states["unet-n2-r0"].state == "COMPLETED"
+    bad = states["unet-n1-r0"]
     assert bad.state == "FAILED"
     assert "no-such-shards" in bad.error and "manifest.json" in bad.error, bad.error
 
@@ -143,7 +143,7 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(
     (run,) = plan(lc, model_configs(lc, explicit_model=True))
     straight_cfg = run_config(lc, lc.model, job_dir / "straight", run)
     preempted_cfg = run_config(lc, lc.model, job_dir / "preempted", run)
-    executor = slurm_executor(job_dir / "jobs", lc, 1, 2)
+    executor = slurm_executor(job_dir / "jobs", lc, 2, 1)
     preempted = executor.submit(TrainJob(preempted_cfg, max_requeues=3))
     run_dir = Path(preempted_cfg.run_dir)
 
@@ -179,10 +179,10 @@ def test_sbatch_scripts_pass_test_only_and_one_runs(slurm_cluster, shards: Path,
         "launcher=sbatch",
         f"launcher.partition={slurm_cluster.partition}",
         "launcher.cpus_per_task=1",
-        "launcher.tasks_per_node=2",
+        "launcher.tasks_per_node=1",
         "launcher.time_min=10",
         f"launcher.python={sys.executable}",
-        "study.scale_unit=ranks",
+        "study.scale_unit=nodes",
         "model=unet",
         "model.depth=2",
         "model.base_width=4",
@@ -201,8 +201,8 @@ def test_sbatch_scripts_pass_test_only_and_one_runs(slurm_cluster, shards: Path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     scripts = sorted((study / "sbatch").glob("*.sbatch"))
-    assert [s.name for s in scripts] == ["unet-w1-r0.sbatch", "unet-w2-r0.sbatch"]
-    assert "--ntasks-per-node=1" in scripts[0].read_text() and "--ntasks-per-node=2" in scripts[1].read_text()
+    assert [s.name for s in scripts] == ["unet-n1-r0.sbatch", "unet-n2-r0.sbatch"]
+    assert "--nodes=1" in scripts[0].read_text() and "--nodes=2" in scripts[1].read_text()
     for script in scripts:
         check = subprocess.run(
             ["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=30
@@ -221,5 +221,5 @@ def test_sbatch_scripts_pass_test_only_and_one_runs(slurm_cluster, shards: Path,
     (record,) = json.loads((ran / "study.json").read_text())["runs"]
     row = slurm_cluster.wait_sacct(record["job_id"], timeout_s=240)
     assert row["State"] == "COMPLETED", row
-    result = json.loads((ran / "runs" / "unet-w2-r0" / "result.json").read_text())
+    result = json.loads((ran / "runs" / "unet-n2-r0" / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 3 and result["status"] == "completed"

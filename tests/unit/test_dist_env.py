@@ -13,6 +13,7 @@ from r2d2_hpc.train import dist
 from r2d2_hpc.train.dist import (
     DistEnv,
     Heartbeat,
+    derived_port,
     describe_failure,
     dist_env_from_environ,
     expand_nodelist,
@@ -37,6 +38,7 @@ SLURM = {
     "SLURM_JOB_NODELIST": "gpu[07-08]",
     "SLURM_NNODES": "2",
     "SLURM_JOB_ID": "123456",
+    "SLURM_STEP_ID": "0",  # srun's tasks have it; a batch script does not
 }
 # What submitit 1.5.4's LocalExecutor controller exports to task 1 of tasks_per_node=2 (local/local.py).
 SUBMITIT_LOCAL = {
@@ -88,7 +90,7 @@ def test_slurm(no_cuda: None) -> None:
     env = dist_env_from_environ(SLURM, backend="gloo")
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
     assert (env.num_nodes, env.master_addr, env.job_id, env.source) == (2, "gpu07", "123456", "slurm")
-    assert env.master_port == 20000 + 123456 % 20000 == 23456
+    assert env.master_port == 15000 + (123456 * 8) % 17768 == 25408
 
 
 def test_slurm_master_variables_win(no_cuda: None) -> None:
@@ -128,9 +130,36 @@ def test_slurm_step_variables_and_ntasks_per_node(no_cuda: None) -> None:
         "SLURM_NODELIST": "cn-[3-4]",
         "SLURM_STEP_NODELIST": "cn-4,cn-3",
         "SLURM_JOB_ID": "77",
+        "SLURM_STEP_ID": "3",
     }
     env = dist_env_from_environ(environ)
-    assert (env.world_size, env.local_world_size, env.master_addr, env.master_port) == (4, 2, "cn-4", 20077)
+    assert (env.world_size, env.local_world_size, env.master_addr, env.master_port) == (4, 2, "cn-4", 15619)
+
+
+@pytest.mark.parametrize(
+    "step", [None, "4294967291", "batch", "4294967290"], ids=["none", "batch-id", "name", "interactive"]
+)
+def test_multi_task_slurm_job_without_srun_fails_naming_srun(no_cuda: None, step: str | None) -> None:
+    # What a batch script of `sbatch --ntasks=2` sees: SLURM_PROCID=0 and SLURM_NTASKS=2, but no srun step.
+    environ = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_ID"} | {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+    }
+    environ |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "2", "SLURM_NNODES": "1"}
+    if step is not None:
+        environ["SLURM_STEP_ID"] = step
+    with pytest.raises(ConfigError, match=r"SLURM_NTASKS=2: .*rank 0 of 2 .*srun python -m r2d2_hpc.train"):
+        dist_env_from_environ(environ)
+    one_task = environ | {"SLURM_NTASKS": "1", "SLURM_TASKS_PER_NODE": "1"}
+    assert dist_env_from_environ(one_task).world_size == 1  # a one-task batch script may run it directly
+
+
+def test_derived_ports_lie_below_the_ephemeral_range_and_differ_per_step_and_job() -> None:
+    ports = {(job, step): derived_port(str(job), str(step)) for job in range(1000, 3221) for step in range(8)}
+    assert all(15000 <= port < 32768 for port in ports.values())
+    assert len(set(ports.values())) == len(ports)  # 2,221 consecutive jobs x 8 concurrent steps: all distinct
+    assert derived_port("1234", None) == derived_port("1234", "0") == derived_port("1234", "4294967291")
+    assert derived_port("1234_7", "0") == derived_port("12347", "0")  # array task ids: the digits
 
 
 @pytest.mark.parametrize(
@@ -169,7 +198,7 @@ def test_submitit_local(no_cuda: None) -> None:
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.num_nodes) == (1, 2, 1, 2, 1)
     assert (env.master_addr, env.master_port, env.source, env.job_id) == (
         "127.0.0.1",
-        24242,
+        15000 + 4242 * 8 % 17768,
         "submitit",
         None,
     )
