@@ -232,11 +232,16 @@ class TrainConfig:
     weight_decay: float = 3e-5  # decoupled for adamw, L2 for sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw betas
     schedule: str = "poly"  # poly | cosine | constant, after the warmup
-    warmup_steps: int = 0  # linear warmup from 0 to the (scaled) peak lr
+    warmup_steps: int | None = (
+        None  # linear warmup to the (scaled) peak lr; None: follows lr_scaling (schedule.py)
+    )
     poly_power: float = 0.9  # exponent of the poly schedule
     min_lr_ratio: float = 0.0  # the schedule's floor, as a share of the peak lr
     dice_weight: float = 1.0  # loss = ce_weight * cross-entropy + dice_weight * soft Dice loss
     ce_weight: float = 1.0  # see dice_weight
+    dice_over_ranks: bool = (
+        True  # batch-Dice statistics summed over all ranks: the loss ignores the batch split
+    )
     amp: str = (
         "none"  # none | bf16 | fp16 (fp16 with a grad scaler; CUDA only, ignored with a warning on CPU)
     )
@@ -285,7 +290,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0 or self.dist_timeout_s <= 0:
             raise ConfigError("train.lr and train.dist_timeout_s must be positive")
-        if self.warmup_steps < 0 or (self.warmup_steps >= self.max_steps and self.warmup_steps > 0):
+        if self.warmup_steps is not None and (
+            self.warmup_steps < 0 or (self.warmup_steps >= self.max_steps and self.warmup_steps > 0)
+        ):
             raise ConfigError(
                 f"train.warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})"
             )

@@ -5,12 +5,15 @@ dataset can be pickled to DataLoader workers (fork or spawn) and each worker get
 of samples is built from the manifest's shapes alone: building a dataset touches no HDF5 file.
 
 Randomness (crop/patch location, foreground choice, augmentation) is drawn per sample from
-``np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, index]))``. Hence:
+``np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))``. Hence:
 
-- a sample depends only on ``(seed, epoch, rank, index)``, never on how many DataLoader workers there are or
+- a sample depends only on ``(seed, epoch, index)``, never on how many DataLoader workers there are or
   which one loads it, so results are reproducible and a resumed run sees the same data;
-- different ranks (pass the distributed rank) and different epochs (call ``set_epoch`` before each epoch, like
-  ``DistributedSampler.set_epoch``) draw different augmentations of the same index.
+- it does not depend on the rank or the number of ranks either: a global batch split over N ranks holds exactly
+  the samples, augmented exactly the same way, that one rank would see (the sampler deals each step's indices
+  out over the ranks), so strong scaling changes nothing but how the work is shared;
+- different epochs (call ``set_epoch`` before each epoch, like ``DistributedSampler.set_epoch``) draw different
+  augmentations of the same index.
 
 The epoch lives in a shared-memory tensor, so ``set_epoch`` also reaches persistent DataLoader workers.
 Every sample is ``dict(image=float32 (C, *spatial), label=int64 (*spatial), case_id=str, index=int,
@@ -54,7 +57,6 @@ class _ShardDataset(Dataset):
         split: str,
         augment_cfg: AugmentConfig | None,
         seed: int,
-        rank: int,
         cache_mib: float | None,
         chunk_cache_mib: float = DEFAULT_CHUNK_CACHE_MIB,
         locking: bool = False,
@@ -79,15 +81,14 @@ class _ShardDataset(Dataset):
                     "pass split='train' or split='val'",
                 )
             )
-        if seed < 0 or rank < 0:
-            raise ConfigError(f"seed={seed} and rank={rank} must be >= 0 (they seed numpy's SeedSequence)")
+        if seed < 0:
+            raise ConfigError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
         self.split = split
         self.case_ids: list[str] = list(self.reader.case_ids(split))
         self.augment_cfg = augment_cfg
         # Training draws (random crops, augmentation) need an enabled augmentation; otherwise samples are fixed.
         self.randomised = augment_cfg is not None and augment_cfg.enabled
         self.seed = int(seed)
-        self.rank = int(rank)
         # Shared memory: a persistent DataLoader worker holds its own copy of the dataset, yet must see the
         # epoch that the main process sets between epochs.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -119,8 +120,8 @@ class _ShardDataset(Dataset):
         self._epoch[0] = int(epoch)
 
     def sample_rng(self, index: int) -> np.random.Generator:
-        """The generator of sample ``index`` in the current epoch on this rank."""
-        return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, int(index)]))
+        """The generator of sample ``index`` in the current epoch (the same on every rank)."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(index)]))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
@@ -196,7 +197,6 @@ class SliceDataset(_ShardDataset):
         augment: augmentation to apply; ``None`` (or ``enabled=False``) for none, which also makes crops
             centred instead of random.
         seed: base seed of every per-sample generator.
-        rank: distributed rank, so that ranks draw different augmentations.
         sample_size: in-plane size of every sample. ``None`` pads every slice (image 0, label
             ``IGNORE_INDEX``, data at the origin) to the largest in-plane size over all cases of the shard set
             (train and val alike), rounded up to ``pad_multiple``.
@@ -215,7 +215,6 @@ class SliceDataset(_ShardDataset):
         split: str = "train",
         augment: AugmentConfig | None = None,
         seed: int = 0,
-        rank: int = 0,
         sample_size: tuple[int, int] | None = None,
         pad_multiple: int = 16,
         cache_mib: float | None = None,
@@ -223,9 +222,7 @@ class SliceDataset(_ShardDataset):
         locking: bool = False,
         on_corrupt: str = "fail",
     ) -> None:
-        super().__init__(
-            shard_dir, split, augment, seed, rank, cache_mib, chunk_cache_mib, locking, on_corrupt
-        )
+        super().__init__(shard_dir, split, augment, seed, cache_mib, chunk_cache_mib, locking, on_corrupt)
         layout = self.reader.layout
         if layout.get("kind") != "2d":
             raise ShardError(
@@ -295,7 +292,6 @@ class PatchDataset(_ShardDataset):
             drawn uniformly among the classes present in the case; the rest are placed uniformly.
         augment: augmentation to apply; ``None`` for none.
         seed: base seed of every per-sample generator.
-        rank: distributed rank, so that ranks draw different patches.
         cache_mib: HDF5 chunk cache per open shard, passed to ``ShardReader``.
         deterministic: ``True`` gives the grid of non-overlapping patches that covers every voxel of every case
             exactly once (edge patches padded with ``IGNORE_INDEX``); ``None`` picks it for every split but
@@ -314,16 +310,13 @@ class PatchDataset(_ShardDataset):
         foreground_fraction: float = 0.33,
         augment: AugmentConfig | None = None,
         seed: int = 0,
-        rank: int = 0,
         cache_mib: float | None = None,
         deterministic: bool | None = None,
         chunk_cache_mib: float = DEFAULT_CHUNK_CACHE_MIB,
         locking: bool = False,
         on_corrupt: str = "fail",
     ) -> None:
-        super().__init__(
-            shard_dir, split, augment, seed, rank, cache_mib, chunk_cache_mib, locking, on_corrupt
-        )
+        super().__init__(shard_dir, split, augment, seed, cache_mib, chunk_cache_mib, locking, on_corrupt)
         if len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
             raise ConfigError(
                 f"patch_size={list(patch_size)!r} must be three positive integers (X, Y, Z voxels)"

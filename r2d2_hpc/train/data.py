@@ -42,9 +42,9 @@ def build_datasets(cfg: RunConfig, env: DistEnv, required_multiple: int) -> tupl
     corrupt = {"on_corrupt": cfg.data.on_corrupt_sample}
     if int(cfg.model.get("spatial_dims", 2)) == 2:
         train = SliceDataset(
-            shard_dir, "train", augment, seed, env.rank, pad_multiple=required_multiple, **reading, **corrupt
+            shard_dir, "train", augment, seed, pad_multiple=required_multiple, **reading, **corrupt
         )
-        val = SliceDataset(shard_dir, "val", None, seed, 0, pad_multiple=required_multiple, **reading)
+        val = SliceDataset(shard_dir, "val", None, seed, pad_multiple=required_multiple, **reading)
         return train, val
     patch = [int(p) for p in cfg.data.patch_size]
     if any(p % required_multiple for p in patch):
@@ -61,13 +61,10 @@ def build_datasets(cfg: RunConfig, env: DistEnv, required_multiple: int) -> tupl
         foreground_fraction=cfg.data.foreground_fraction,
         augment=augment,
         seed=seed,
-        rank=env.rank,
         **reading,
         **corrupt,
     )
-    val = PatchDataset(
-        shard_dir, "val", patch, augment=None, seed=seed, rank=0, deterministic=True, **reading
-    )
+    val = PatchDataset(shard_dir, "val", patch, augment=None, seed=seed, deterministic=True, **reading)
     return train, val
 
 

@@ -8,6 +8,13 @@ The Dice term is nnU-Net's *batch Dice*: per class, true positives, predicted ma
 over the whole micro-batch and all voxels before the ratio is taken, so a slice without a class does not get a
 Dice of 0 or 1 of its own. With the default ``smooth=1e-5``, a class absent from the reference of the whole
 micro-batch gets a Dice near 0 unless its predicted mass is near 0 too, which pushes false positives down.
+
+Under data parallelism, ``over_ranks=True`` sums those three statistics over every rank of the process group
+before the ratio is taken (as nnU-Net does under DDP), and divides each rank's cross-entropy sum by the batch's
+mean valid-voxel count per rank, so the loss of a global batch (averaged over ranks, as DDP averages gradients)
+is the same however it is split over ranks. The gradient is exact: every rank computes the same Dice from the same sums, so the gradient
+reaching each rank's own statistics is the common upstream gradient times the number of ranks, and DDP's
+gradient average over ranks then gives the gradient of the whole batch's loss (see ``_SumOverRanks``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,6 +40,8 @@ class DiceCELoss(nn.Module):
         ignore_index: label of voxels that count in neither term.
         smooth: added to numerator and denominator of each class's Dice.
         include_background: whether class 0 takes part in the Dice mean (cross-entropy always includes it).
+        over_ranks: sum the batch-Dice statistics over the ranks of the default process group (when one is
+            initialised with more than one rank), so the loss does not depend on how the batch is split.
     """
 
     def __init__(
@@ -42,6 +52,7 @@ class DiceCELoss(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         smooth: float = 1e-5,
         include_background: bool = False,
+        over_ranks: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -65,6 +76,7 @@ class DiceCELoss(nn.Module):
         self.ignore_index = ignore_index
         self.smooth = float(smooth)
         self.include_background = include_background
+        self.over_ranks = over_ranks
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The weighted loss, a float32 scalar with a gradient.
@@ -88,10 +100,22 @@ class DiceCELoss(nn.Module):
         valid = target != self.ignore_index
         # Ignored voxels get class 0 here, and are then masked out of both terms.
         safe_target = torch.where(valid, target, torch.zeros_like(target))
-        ce = self._cross_entropy(logits, safe_target, valid)
-        dice = self._dice_loss(logits, safe_target, valid)
+        ce_sum, ce_count = self._cross_entropy_sum(logits, safe_target, valid)
+        stats = self._dice_stats(logits, safe_target, valid)
+        if self._synced():
+            # One all-reduce: the Dice statistics and the number of valid voxels of the whole batch.
+            packed = _SumOverRanks.apply(torch.cat([stats.flatten(), ce_count.detach().view(1)]))
+            stats = packed[:-1].view_as(stats)
+            # The local sum over the batch's mean voxel count per rank: averaged over ranks (as DDP averages
+            # gradients), this is the cross-entropy of the whole batch, whatever the padding on each rank.
+            ce_count = packed[-1].detach() / dist.get_world_size()
+        ce = ce_sum / ce_count.clamp_min(1.0)  # a batch of padding only gives 0 instead of NaN
+        dice = self._dice_loss(stats)
         loss = self.ce_weight * ce + self.dice_weight * dice
         return {"loss": loss, "ce": ce, "dice": dice}
+
+    def _synced(self) -> bool:
+        return self.over_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _check(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if logits.dim() < 3 or logits.shape[1] != self.num_classes:
@@ -107,29 +131,53 @@ class DiceCELoss(nn.Module):
         if target.is_floating_point() or target.is_complex():
             raise ConfigError(f"target of dtype {target.dtype}; expected integer labels (uint8 or int64)")
 
-    def _cross_entropy(
+    def _cross_entropy_sum(
         self, logits: torch.Tensor, safe_target: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy summed over valid voxels, and their number."""
         # reduction="none": the CUDA mean/sum reductions use atomicAdd and fail under deterministic mode.
         per_voxel = F.cross_entropy(logits, safe_target, reduction="none")
         mask = valid.to(per_voxel.dtype)
-        # The mean over valid voxels; a batch of padding only gives 0 instead of NaN.
-        return (per_voxel * mask).sum() / mask.sum().clamp_min(1.0)
+        return (per_voxel * mask).sum(), mask.sum()
 
-    def _dice_loss(
+    def _dice_stats(
         self, logits: torch.Tensor, safe_target: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
+        """``(3, K)``: per class, true positives, predicted mass and reference mass over the batch."""
         mask = valid.unsqueeze(1).to(logits.dtype)
         probs = torch.softmax(logits, dim=1) * mask
         one_hot = torch.zeros_like(probs).scatter_(1, safe_target.unsqueeze(1), 1.0) * mask
         reduce_dims = [0, *range(2, logits.dim())]
-        intersection = (probs * one_hot).sum(reduce_dims)
-        pred_mass = probs.sum(reduce_dims)
-        ref_mass = one_hot.sum(reduce_dims)
+        return torch.stack(
+            [(probs * one_hot).sum(reduce_dims), probs.sum(reduce_dims), one_hot.sum(reduce_dims)]
+        )
+
+    def _dice_loss(self, stats: torch.Tensor) -> torch.Tensor:
+        intersection, pred_mass, ref_mass = stats
         dice = (2.0 * intersection + self.smooth) / (pred_mass + ref_mass + self.smooth).clamp_min(1e-8)
         if not self.include_background:
             dice = dice[1:]
         return 1.0 - dice.mean()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) of per-rank statistics whose every rank computes the same loss from the sums.
+
+    Backward returns the upstream gradient times the world size: the true gradient of the common loss with
+    respect to this rank's statistics is the sum of the identical upstream gradients of all ranks. No collective
+    runs in backward, so DDP's bucket all-reduces are the only ones there.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, stats: torch.Tensor) -> torch.Tensor:
+        total = stats.detach().clone()
+        dist.all_reduce(total)
+        ctx.world_size = dist.get_world_size()  # type: ignore[attr-defined]
+        return total
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * ctx.world_size  # type: ignore[attr-defined]
 
 
 def downsample_target(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -9,6 +9,12 @@ The scheduler is a ``LambdaLR`` stepped once per optimizer step. The learning ra
   ``floor = min_lr_ratio``: poly ``floor + (1 - floor) * (1 - t) ** poly_power``, cosine
   ``floor + (1 - floor) * (1 + cos(pi t)) / 2``, constant ``1``. Poly and cosine reach ``floor`` at ``max_steps``.
 
+``warmup_steps_for`` picks the warm-up: an explicit ``train.warmup_steps``, or by default one that follows the
+LR rule. A rule that raises the learning rate above ``train.lr`` (a global batch above
+``train.lr_reference_batch``) warms up over a share of ``max_steps`` (``WARMUP_SHARE``: 10% for ``linear``, as
+Goyal et al.'s linear rule assumes a gradual warm-up, 5% for the gentler ``sqrt``); ``none``, and a rule that
+does not raise the learning rate, start at the peak.
+
 The factor depends on the step only, so a scheduler rebuilt with the same arguments and given a saved
 ``state_dict`` continues exactly where the saved one stopped.
 """
@@ -25,6 +31,18 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from r2d2_hpc.config import LR_RULES, SCHEDULES, TrainConfig
 from r2d2_hpc.errors import ConfigError
+
+# Default warm-up, as a share of max_steps, of each LR rule when it raises the learning rate.
+WARMUP_SHARE = {"none": 0.0, "sqrt": 0.05, "linear": 0.1}
+
+
+def warmup_steps_for(cfg: TrainConfig, global_batch: int) -> int:
+    """``train.warmup_steps`` when set, else the warm-up that follows ``train.lr_scaling`` (module doc)."""
+    if cfg.warmup_steps is not None:
+        return int(cfg.warmup_steps)
+    if scaled_lr(1.0, cfg.lr_scaling, global_batch, cfg.lr_reference_batch) <= 1.0:
+        return 0
+    return min(cfg.max_steps - 1, math.ceil(WARMUP_SHARE[cfg.lr_scaling] * cfg.max_steps))
 
 
 def scaled_lr(base_lr: float, rule: str, global_batch: int, reference_batch: int) -> float:
@@ -110,11 +128,12 @@ def build_scheduler(
     return LambdaLR(optimizer, lr_lambda=factor)
 
 
-def build_scheduler_from_config(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
-    """``build_scheduler`` with the schedule settings of ``cfg``."""
-    return build_scheduler(
-        optimizer, cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.poly_power, cfg.min_lr_ratio
-    )
+def build_scheduler_from_config(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, global_batch: int
+) -> LambdaLR:
+    """``build_scheduler`` with the schedule settings of ``cfg`` and the warm-up of ``warmup_steps_for``."""
+    warmup = warmup_steps_for(cfg, global_batch)
+    return build_scheduler(optimizer, cfg.schedule, cfg.max_steps, warmup, cfg.poly_power, cfg.min_lr_ratio)
 
 
 def build_optimizer(params: Iterable[Any], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

@@ -31,6 +31,7 @@ _HASHED_TRAIN_KEYS = (
     "lr_reference_batch",
     "schedule",
     "warmup_steps",
+    "dice_over_ranks",
     "seed",
     "amp",
 )

@@ -142,15 +142,15 @@ def test_workers_do_not_change_samples(slices):
     assert not torch.equal(plain, inline[0])
 
 
-def test_epoch_and_rank_change_draws_and_seed_reproduces(slices):
-    def sample(epoch: int, rank: int, seed: int = 0) -> torch.Tensor:
-        ds = SliceDataset(slices[0], "train", augment=AugmentConfig(), seed=seed, rank=rank, pad_multiple=4)
+def test_epoch_and_seed_change_draws_and_seed_reproduces(slices):
+    def sample(epoch: int, seed: int = 0, index: int = 1) -> torch.Tensor:
+        ds = SliceDataset(slices[0], "train", augment=AugmentConfig(), seed=seed, pad_multiple=4)
         ds.set_epoch(epoch)
-        return ds[1]["image"]
+        return ds[index]["image"]
 
-    base = sample(0, 0)
-    assert torch.equal(base, sample(0, 0))
-    for other in (sample(1, 0), sample(0, 1), sample(0, 0, seed=1)):
+    base = sample(0)
+    assert torch.equal(base, sample(0))
+    for other in (sample(1), sample(0, seed=1)):
         assert not torch.equal(base, other)
 
 
@@ -201,9 +201,6 @@ def test_distributed_sampler_splits_indices_across_ranks(slices):
     assert len(parts[0]) == len(parts[1]) == 3
     assert set(parts[0]) | set(parts[1]) == set(range(5))
     assert len(set(parts[0]) & set(parts[1])) == 1  # the one padded duplicate
-    # The same index on two ranks is augmented differently.
-    other = SliceDataset(slices[0], "train", augment=AugmentConfig(), rank=1, pad_multiple=4)
-    assert not torch.equal(ds[0]["image"], other[0]["image"])
 
 
 @pytest.fixture

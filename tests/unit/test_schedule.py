@@ -11,7 +11,14 @@ import torch
 
 from r2d2_hpc.config import TrainConfig
 from r2d2_hpc.errors import ConfigError
-from r2d2_hpc.train.schedule import build_optimizer, build_scheduler, lr_factor, scaled_lr
+from r2d2_hpc.train.schedule import (
+    build_optimizer,
+    build_scheduler,
+    build_scheduler_from_config,
+    lr_factor,
+    scaled_lr,
+    warmup_steps_for,
+)
 
 
 def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
@@ -131,3 +138,25 @@ def test_build_optimizer_sgd_and_adamw() -> None:
     with pytest.raises(ConfigError, match="positive"):
         build_optimizer(params, TrainConfig(), 0.0)
     assert math.isclose(sgd.param_groups[0]["lr"], 0.02)
+
+
+def test_default_warmup_follows_the_lr_rule() -> None:
+    def warmup(rule: str, global_batch: int, **kw) -> int:
+        return warmup_steps_for(
+            TrainConfig(lr_scaling=rule, max_steps=200, lr_reference_batch=16, **kw), global_batch
+        )
+
+    # A rule that raises the lr warms up: 10% of max_steps for linear, 5% for sqrt.
+    assert warmup("linear", 64) == 20 and warmup("sqrt", 64) == 10
+    # No rule, or a rule that does not raise the lr (batch at or below the reference): no warm-up.
+    assert warmup("none", 64) == 0 and warmup("linear", 16) == 0 and warmup("sqrt", 8) == 0
+    # An explicit setting wins, 0 included.
+    assert warmup("linear", 64, warmup_steps=0) == 0 and warmup("none", 64, warmup_steps=7) == 7
+    # The scheduler built from the config uses it: the first step runs at 1/21 of the peak.
+    cfg = TrainConfig(lr_scaling="linear", max_steps=200, lr_reference_batch=16, schedule="constant")
+    lrs = _lrs(build_scheduler_from_config(_optimizer(0.4), cfg, global_batch=64), 22)
+    assert (
+        lrs[0] == pytest.approx(0.4 / 21)
+        and lrs[19] == pytest.approx(0.4 * 20 / 21)
+        and lrs[21] == pytest.approx(0.4)
+    )
