@@ -42,7 +42,7 @@ from r2d2_hpc.train.losses import DiceCELoss, deep_supervision_loss
 from r2d2_hpc.train.metrics import mean_foreground_dice
 from r2d2_hpc.train.progress import Progress
 from r2d2_hpc.train.sampler import ResumableDistributedSampler, position, steps_per_epoch
-from r2d2_hpc.train.schedule import build_optimizer, build_scheduler, scaled_lr
+from r2d2_hpc.train.schedule import build_optimizer, build_scheduler_from_config, scaled_lr
 from r2d2_hpc.train.setup import (
     build_model_for,
     configure_process,
@@ -127,13 +127,13 @@ class _Trainer:
         self.forward = torch.compile(self.ddp) if tc.compile else self.ddp
         self.lr_peak = scaled_lr(tc.lr, tc.lr_scaling, self.global_batch, tc.lr_reference_batch)
         optimizer = build_optimizer(self.model.parameters(), tc, self.lr_peak)
-        scheduler = build_scheduler(
-            optimizer, tc.schedule, tc.max_steps, tc.warmup_steps, tc.poly_power, tc.min_lr_ratio
-        )
+        scheduler = build_scheduler_from_config(optimizer, tc, self.global_batch)
         self.amp_dtype = _amp_dtype(tc.amp, self.device)
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.parts = ckpt.TrainingParts(self.model, optimizer, scheduler, scaler)
-        self.loss_fn = DiceCELoss(self.train_ds.num_classes, tc.dice_weight, tc.ce_weight)
+        self.loss_fn = DiceCELoss(
+            self.train_ds.num_classes, tc.dice_weight, tc.ce_weight, over_ranks=tc.dice_over_ranks
+        )
         self.sampler = ResumableDistributedSampler(len(self.train_ds), env.world_size, env.rank, tc.seed)
         self.samples_per_step = self.micro * tc.grad_accum
         self.steps_per_epoch = steps_per_epoch(len(self.train_ds), env.world_size, self.samples_per_step)

@@ -38,6 +38,7 @@ from r2d2_hpc.config import TrainConfig
 from r2d2_hpc.errors import R2D2Error, problem
 from r2d2_hpc.train.dist import DistEnv
 from r2d2_hpc.train.metrics import mean_foreground_dice
+from r2d2_hpc.train.schedule import warmup_steps_for
 
 SCHEMA = 1
 TRAIN_DISK_FIX = "run again with resume=auto: it continues from the last complete checkpoint"
@@ -269,6 +270,7 @@ def training_header(
         "micro_batch": micro,
         "grad_accum": tc.grad_accum,
         "lr_peak": lr_peak,
+        "warmup_steps": warmup_steps_for(tc, global_batch),
         "spatial_dims": model_info["spatial_dims"],
         "num_params": model_info["num_params"],
         "flops_per_sample": model_info["flops_per_sample"],
@@ -339,6 +341,7 @@ def run_result(
         "max_steps": tc.max_steps,
         "throughput_samples_per_s": throughput.samples_per_s(),
         "timing_warmup_steps": tc.timing_warmup_steps,
+        "warmup_steps": warmup_steps_for(tc, tc.effective_global_batch(env.world_size)),
         "data_wait_share": throughput.data_wait_share(),
         "dice_per_class": dice_per_class,
         "mean_foreground_dice": mean_fg if math.isfinite(mean_fg) else None,
