@@ -263,7 +263,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 50  # a checkpoint every N steps (and at the end); 0 = only at the end
     dist_timeout_s: float = 300.0  # process-group timeout: a dead or stuck rank fails the others after this
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
-    threads_per_rank: int | None = None  # torch.set_num_threads on each rank; None = cpu count / local ranks
+    threads_per_rank: int | None = (
+        None  # torch threads per rank; None: OMP_NUM_THREADS, else the CPUs it may use / ranks
+    )
     timing_warmup_steps: int = 5  # steps excluded from the throughput in result.json
 
     def __post_init__(self) -> None:

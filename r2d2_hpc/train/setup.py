@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import asdict
@@ -16,7 +17,10 @@ import torch
 from r2d2_hpc.atomic import write_json
 from r2d2_hpc.config import RunConfig, TrainConfig
 from r2d2_hpc.models import build_model, count_parameters, flops_per_sample
+from r2d2_hpc.train.cpus import ThreadPlan, cpus_available, plan_threads
 from r2d2_hpc.train.dist import DistEnv
+
+log = logging.getLogger(__name__)
 
 # Settings that make a checkpoint belong to a run. max_steps is left out on purpose: extending a finished run
 # with a larger train.max_steps is a legitimate resume.
@@ -37,10 +41,17 @@ _HASHED_TRAIN_KEYS = (
 )
 
 
-def configure_process(tc: TrainConfig, env: DistEnv) -> None:
-    """Threads per rank, determinism and the common seed (the model is initialised identically on every rank)."""
-    threads = tc.threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, env.local_world_size))
-    torch.set_num_threads(threads)
+def configure_process(tc: TrainConfig, env: DistEnv) -> ThreadPlan:
+    """Threads per rank, determinism and the common seed (the model is initialised identically on every rank).
+
+    Threads come from the CPUs this process may run on (see :mod:`r2d2_hpc.train.cpus`); the choice is logged,
+    and a warning says when the node's ranks ask for more threads than there are CPUs.
+    """
+    plan = plan_threads(tc.threads_per_rank, env.local_world_size, os.environ, *cpus_available())
+    torch.set_num_threads(plan.threads)
+    log.info("rank %d: %s", env.rank, plan.describe())
+    if plan.warning and env.local_rank == 0:
+        log.warning("%s", plan.warning)
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -48,6 +59,7 @@ def configure_process(tc: TrainConfig, env: DistEnv) -> None:
     else:
         torch.backends.cudnn.benchmark = True
     seed_everything(tc.seed)
+    return plan
 
 
 def seed_everything(seed: int) -> None:
