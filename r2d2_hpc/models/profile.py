@@ -8,6 +8,7 @@ about 3x that (forward + backward for activations and weights).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -41,13 +42,16 @@ def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Ten
 def flops_per_sample(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Forward FLOPs (2 x MACs, see the module doc) of one sample of shape ``input_shape`` = ``(C, *spatial)``.
 
-    Runs a real forward pass of a zero tensor of batch 1 on the model's device, in eval mode and without
-    gradients (so batch-norm statistics are not touched), with forward hooks on every conv, transposed conv and
-    linear layer; the model's train/eval mode is restored afterwards.
+    Runs the forward pass of a batch of 1 on the meta device: the parameters and buffers are replaced by meta
+    tensors of the same shapes (``torch.func.functional_call``), so only shapes are computed, no arithmetic and
+    no memory, in milliseconds even for a 3D U-Net whose real forward costs a TFLOP. It runs in eval mode and
+    without gradients, with forward hooks on every conv, transposed conv and linear layer; the model's own
+    tensors and its train/eval mode are left as they were.
     """
     first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None else torch.float32
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    meta = {name: torch.empty_like(tensor, device="meta") for name, tensor in named}
     total_macs = 0
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -63,7 +67,8 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int]) -> int:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+            sample = torch.zeros((1, *input_shape), device="meta", dtype=dtype)
+            torch.func.functional_call(model, meta, (sample,), strict=False)
     finally:
         model.train(was_training)
         for handle in handles:

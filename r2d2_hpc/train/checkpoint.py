@@ -72,11 +72,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python[0], tuple(python[1]), python[2]))
 
 
-def gather_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
+def gather_rng_states(env: DistEnv, group: tdist.ProcessGroup | None) -> list[dict[str, Any]] | None:
     """Every rank calls this; rank 0 gets every rank's :func:`capture_rng_state`, the others None.
 
-    ``gather_object`` pickles on each rank; with NCCL it moves the bytes through the current CUDA device, which
-    :func:`~r2d2_hpc.train.dist.init_process_group` has set.
+    ``group`` must be a gloo group (what :func:`~r2d2_hpc.train.dist.init_process_group` returns): with NCCL,
+    ``gather_object`` would open point-to-point links from rank 0 to every rank and copy through the GPUs.
     """
     own = capture_rng_state()
     if env.world_size == 1 or not (tdist.is_available() and tdist.is_initialized()):
@@ -85,8 +85,10 @@ def gather_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
                 "gather_rng_states needs the process group of a multi-rank job; call init_process_group first"
             )
         return [own]
+    if group is None or tdist.get_backend(group) != "gloo":
+        raise RuntimeError("gather_rng_states needs a gloo group (init_process_group returns one)")
     states: list[Any] | None = [None] * env.world_size if env.is_main else None
-    tdist.gather_object(own, states, dst=0)
+    tdist.gather_object(own, states, dst=0, group=group)
     return states
 
 

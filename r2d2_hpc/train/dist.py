@@ -337,8 +337,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_process_group(env: DistEnv, timeout_s: float) -> None:
-    """Joins the process group over ``tcp://master_addr:master_port`` (also for one process, so code paths match)."""
+def init_process_group(env: DistEnv, timeout_s: float) -> tdist.ProcessGroup:
+    """Joins the process group over ``tcp://master_addr:master_port`` (also for one process, so code paths match).
+
+    Returns the group for small CPU-side exchanges (RNG states, the checkpoint choice, model facts): the world
+    itself with gloo, and a gloo group over the same ranks with NCCL, so that gathering or broadcasting Python
+    objects never opens NCCL point-to-point links from rank 0 to every peer, nor copies bytes through a GPU.
+    """
     if env.backend == "nccl":
         torch.cuda.set_device(torch.device(env.device))
     host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
@@ -368,6 +373,14 @@ def init_process_group(env: DistEnv, timeout_s: float) -> None:
             f"backend {env.backend}, timeout {timeout_s:g} s ({env.source} environment)"
         )
         raise
+    return cpu_group(env.backend, timeout_s)
+
+
+def cpu_group(backend: str, timeout_s: float) -> tdist.ProcessGroup:
+    """A gloo group of every rank: the world when it is gloo already, else a new one (a collective call)."""
+    if backend == "gloo":
+        return tdist.group.WORLD
+    return tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def destroy_process_group() -> None:

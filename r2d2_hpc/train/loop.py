@@ -80,10 +80,10 @@ class StopFlag:
 def train(cfg: RunConfig, env: DistEnv, stop: StopFlag | None = None) -> dict[str, Any]:
     """Trains one run on this rank; returns the run's result (the same dict on every rank)."""
     configure_process(cfg.train, env)
-    init_process_group(env, cfg.train.dist_timeout_s)
+    cpu_group = init_process_group(env, cfg.train.dist_timeout_s)
     heartbeat = Heartbeat(env) if env.world_size > 1 else None
     try:
-        return _Trainer(cfg, env, stop or StopFlag(), heartbeat).run()
+        return _Trainer(cfg, env, stop or StopFlag(), heartbeat, cpu_group).run()
     except (RuntimeError, dist.DistBackendError) as exc:
         if env.world_size > 1 and _looks_distributed(exc):
             raise RuntimeError(describe_failure(exc, heartbeat, env)) from exc
@@ -102,8 +102,11 @@ def _looks_distributed(exc: BaseException) -> bool:
 class _Trainer:
     """One rank's run: built from the config in ``__init__``, then ``run()``; its parts are owned by their modules."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, stop: StopFlag, heartbeat: Heartbeat | None) -> None:
+    def __init__(
+        self, cfg: RunConfig, env: DistEnv, stop: StopFlag, heartbeat: Heartbeat | None, cpu_group: Any
+    ) -> None:
         self.cfg, self.env, self.stop, self.heartbeat = cfg, env, stop, heartbeat
+        self.cpu_group = cpu_group  # gloo: RNG states and other small objects never travel through NCCL
         self.tc = tc = cfg.train
         self.device = torch.device(env.device)
         self.run_dir = Path(cfg.run_dir)
@@ -314,7 +317,7 @@ class _Trainer:
     def _checkpoint(self) -> None:
         # Every line up to the checkpoint is on disk before it exists: a resumed log then has no hole.
         self.timing.flush()
-        rng = ckpt.gather_rng_states(self.env)
+        rng = ckpt.gather_rng_states(self.env, self.cpu_group)
         if not self.env.is_main:
             return
         epoch, offset = self._position()

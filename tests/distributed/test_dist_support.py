@@ -28,7 +28,13 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     import torch.distributed as tdist
 
     from r2d2_hpc.train.checkpoint import gather_rng_states, restore_rng_state
-    from r2d2_hpc.train.dist import Heartbeat, describe_failure, dist_env_from_environ, init_process_group
+    from r2d2_hpc.train.dist import (
+        Heartbeat,
+        cpu_group,
+        describe_failure,
+        dist_env_from_environ,
+        init_process_group,
+    )
 
     environ = {
         "RANK": str(rank),
@@ -39,14 +45,22 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
         "MASTER_PORT": str(port),
     }
     env = dist_env_from_environ(environ, backend="gloo")
-    init_process_group(env, TIMEOUT_S)
+    group = init_process_group(env, TIMEOUT_S)
     result: dict[str, Any] = {
         "rank": rank,
         "backend": tdist.get_backend(),
+        "cpu_group_backend": tdist.get_backend(group),
+        "cpu_group_size": tdist.get_world_size(group),
         "world_size": tdist.get_world_size(),
     }
+    nccl_side = cpu_group("nccl", TIMEOUT_S)  # what an NCCL world gets: a real new gloo group of every rank
+    result["nccl_side_group"] = [
+        tdist.get_backend(nccl_side),
+        tdist.get_world_size(nccl_side),
+        nccl_side is tdist.group.WORLD,
+    ]
     _seed(100 + rank)
-    states = gather_rng_states(env)
+    states = gather_rng_states(env, group)
     if rank == 0:
         result["draws"] = []
         for state in states:
@@ -133,6 +147,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_gather_rng_states_returns_every_rank_on_rank_zero(two_ranks: dict[str, Any]) -> None:
     rank0 = two_ranks["rank0"]
     assert (rank0["backend"], rank0["world_size"]) == ("gloo", 2)
+    assert (rank0["cpu_group_backend"], rank0["cpu_group_size"]) == ("gloo", 2)  # never NCCL point-to-point
+    assert rank0["nccl_side_group"] == ["gloo", 2, False]
     expected = []
     for rank in range(2):
         _seed(100 + rank)

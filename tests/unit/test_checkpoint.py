@@ -197,7 +197,7 @@ def test_rng_capture_restore_reproduces_the_next_numbers(tmp_path: Path) -> None
 def test_gather_single_process() -> None:
     env = DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, 1, "gloo", "cpu", "single", None)
     torch.manual_seed(5)
-    states = ckpt.gather_rng_states(env)
+    states = ckpt.gather_rng_states(env, None)
     assert len(states) == 1 and torch.equal(states[0]["torch"], torch.get_rng_state())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,3 +238,40 @@ def test_registry_rejects_unknown_names_options_and_values() -> None:
         build_model("fcn", 1, 2, 2, variant="8s", convs_per_stage=[2, 2])
     with pytest.raises(ConfigError, match="spatial_dims=1"):
         build_model("fcn", 1, 2, 1)
+
+
+def test_flops_are_counted_on_the_meta_device_and_match_a_real_forward() -> None:
+    """No real convolution runs to count FLOPs (a 3D U-Net's CPU forward costs a TFLOP and a minute)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    devices: list[str] = []
+
+    class RecordConvolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                devices.append(args[0].device.type)
+            return func(*args, **(kwargs or {}))
+
+    model = build_model("unet", 2, 3, 3, depth=2, base_width=4, norm="batch").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with RecordConvolutions():
+        flops = flops_per_sample(model, (2, 16, 16, 8))
+    assert devices and set(devices) == {"meta"}
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same count from a real forward pass with hooks on the real layers
+    macs = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.ConvTranspose3d):
+            macs += inputs[0][0].numel() * module.out_channels * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Conv3d):
+            macs += output[0].numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 2, 16, 16, 8))
+    for handle in handles:
+        handle.remove()
+    assert flops == 2 * macs > 0
