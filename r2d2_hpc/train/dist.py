@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 PORT_BASE, PORT_END = 15000, 32768
 STEPS_PER_JOB = 8  # steps of one job running at once that get distinct ports
 HEARTBEAT_KEY = "r2d2/heartbeat/{rank}"
+VERDICT_KEY = "r2d2/heartbeat/verdict"  # the inspector's list of suspects after a failed collective
+_NEVER = json.dumps({"never": True})  # placeholder of a rank that has not published yet
 _state: dict[str, float] = {}  # the timeout given to init_process_group, for describe_failure
 _heartbeats: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
 
@@ -396,9 +399,15 @@ class Heartbeat:
 
     ``beat(step)`` only stores an integer (free per step); a daemon thread writes it to the TCPStore that rank 0
     hosts, under ``r2d2/heartbeat/<rank>``. Wall times from different hosts are compared, so clocks are assumed
-    to agree within a second or two (NTP). If this rank makes no progress for ``stall_warn_s`` while another rank
-    looks dead or behind, the thread logs it once: with NCCL the watchdog may end the process before Python sees
-    an exception, and that line is then the one that names the rank.
+    to agree within a second or two (NTP).
+
+    Reading is kept off rank 0's store: one rank, the *inspector* (rank 0 unless told otherwise), looks at the
+    others' heartbeats, once per stall (no progress for ``stall_warn_s``), in one batched ``multi_get``, and logs
+    what it found (with NCCL the watchdog may end the process before Python sees an exception, and that line is
+    then the one that names the rank). The other ranks read nothing while they stall. When a collective fails,
+    the inspector looks at most twice and publishes its verdict under ``r2d2/heartbeat/verdict``; the others
+    wait for that one key. So a stall costs the store O(1) reads and a failure O(world size), not the
+    2 (N - 1) reads per rank per second of polling every peer from every rank.
     """
 
     def __init__(
@@ -409,16 +418,19 @@ class Heartbeat:
         stale_after_s: float | None = None,
         stall_warn_s: float | None = None,
         connect_timeout_s: float = 10.0,
+        inspector: bool | None = None,
     ) -> None:
         self.env = env
         self.interval_s = interval_s
         self.stale_after_s = stale_after_s or max(5.0, 5 * interval_s)
         self.stall_warn_s = stall_warn_s or min(120.0, 0.5 * _state.get("timeout_s", 240.0))
+        self.inspector = env.rank == 0 if inspector is None else inspector
         self.step = 0
         self._step_changed = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._store_error: str | None = None
+        self._placeholders = False  # set once every peer's key is known to exist (multi_get would wait)
         self._where = {"host": socket.gethostname(), "pid": os.getpid()}
         self._store = store
         if store is None and env.world_size > 1:
@@ -454,57 +466,74 @@ class Heartbeat:
     def _run(self) -> None:
         warned_at = None
         while not self._stop.wait(self.interval_s):
-            try:
-                self._publish()
-            except Exception as exc:  # rank 0 (the store) is gone
-                self._store_error = f"{type(exc).__name__}: {exc}"
-                return
+            if self._store_error is None:
+                try:
+                    self._publish()
+                except Exception as exc:  # rank 0 (the store) is gone: stop writing, still report a stall
+                    self._store_error = f"{type(exc).__name__}: {exc}"
             stalled_s = time.monotonic() - self._step_changed
             if stalled_s > self.stall_warn_s and warned_at != self._step_changed:
-                reasons = self.inspect()
-                if reasons:
-                    warned_at = self._step_changed
-                    log.error(
-                        "rank %d has made no progress for %.0f s (step %d); %s",
-                        self.env.rank,
-                        stalled_s,
-                        self.step,
-                        "; ".join(f"rank {r} {why}" for r, why in reasons.items()),
-                    )
+                warned_at = self._step_changed  # once per stall, whatever is found
+                self._report_stall(stalled_s)
+
+    def _report_stall(self, stalled_s: float) -> None:
+        if not (self.inspector or self._store_error):
+            return  # the inspector speaks for the job; a stalled rank adds no reads to rank 0's store
+        reasons = self.inspect()
+        head = f"rank {self.env.rank} has made no progress for {stalled_s:.1f} s (step {self.step}); "
+        if reasons:
+            log.error("%s%s", head, "; ".join(f"rank {r} {why}" for r, why in reasons.items()))
+        else:
+            log.warning(
+                "%severy other rank still beats and none is behind: a slow step (data, checkpoint, compile) "
+                "or ranks that disagree on the collectives",
+                head,
+            )
+
+    def _read_peers(self) -> dict[int, dict[str, Any] | None]:
+        """Every other rank's last record (None: it never sent one), in one batched read."""
+        ranks = [r for r in range(self.env.world_size) if r != self.env.rank]
+        keys = [HEARTBEAT_KEY.format(rank=r) for r in ranks]
+        with self._lock:
+            if not self._placeholders:
+                # multi_get waits for missing keys: give a rank that never beat a placeholder, once (compare_set
+                # writes only where no key exists, so a heartbeat arriving meanwhile is kept)
+                if not self._store.check(keys):
+                    for key in keys:
+                        self._store.compare_set(key, "", _NEVER)
+                self._placeholders = True
+            values = self._store.multi_get(keys)
+        records = (json.loads(bytes(v).decode()) for v in values)
+        return {r: (None if rec.get("never") else rec) for r, rec in zip(ranks, records, strict=True)}
 
     def inspect(self, now: float | None = None) -> dict[int, str]:
         """Suspect ranks -> why: stale or missing heartbeat, closed heartbeat, or behind this rank's step."""
-        now = time.time() if now is None else now
         if self._store is None or self._store_error:
             return {0: self._unreachable(self._store_error or "no store")}
         behind_ok = time.monotonic() - self._step_changed > 2 * self.interval_s
-        reasons, ages = {}, {}
         try:
-            for rank in range(self.env.world_size):
-                if rank == self.env.rank:
-                    continue
-                key = HEARTBEAT_KEY.format(rank=rank)
-                with self._lock:
-                    record = json.loads(self._store.get(key)) if self._store.check([key]) else None
-                if record is None:
-                    reasons[rank], ages[rank] = "never sent a heartbeat (it died or hung while starting)", 1e9
-                    continue
-                age_s, where = now - record["time"], f"on {record['host']} (pid {record['pid']})"
-                ages[rank] = age_s
-                if record.get("done"):
-                    reasons[rank] = f"left the job at step {record['step']} {where} (its loop ended early)"
-                elif age_s > self.stale_after_s:
-                    reasons[rank] = (
-                        f"stopped beating {age_s:.1f} s ago at step {record['step']} {where}: "
-                        "the process died or its node failed"
-                    )
-                elif behind_ok and record["step"] < self.step:
-                    reasons[rank] = (
-                        f"is alive but behind at step {record['step']} (this rank: {self.step}) "
-                        f"{where}: stuck or slow"
-                    )
+            records = self._read_peers()
         except Exception as exc:  # the store lives in rank 0's process
             return {0: self._unreachable(f"{type(exc).__name__}: {exc}")}
+        now = time.time() if now is None else now
+        reasons, ages = {}, {}
+        for rank, record in records.items():
+            if record is None:
+                reasons[rank], ages[rank] = "never sent a heartbeat (it died or hung while starting)", 1e9
+                continue
+            age_s, where = now - record["time"], f"on {record['host']} (pid {record['pid']})"
+            ages[rank] = age_s
+            if record.get("done"):
+                reasons[rank] = f"left the job at step {record['step']} {where} (its loop ended early)"
+            elif age_s > self.stale_after_s:
+                reasons[rank] = (
+                    f"stopped beating {age_s:.1f} s ago at step {record['step']} {where}: "
+                    "the process died or its node failed"
+                )
+            elif behind_ok and record["step"] < self.step:
+                reasons[rank] = (
+                    f"is alive but behind at step {record['step']} (this rank: {self.step}) {where}: stuck or slow"
+                )
         return {r: reasons[r] for r in sorted(reasons, key=lambda r: -ages[r])}
 
     def _unreachable(self, detail: str) -> str:
@@ -518,13 +547,30 @@ class Heartbeat:
         return sorted(self.inspect(now))
 
     def wait_for_suspects(self, max_wait_s: float) -> dict[int, str]:
-        """Polls :meth:`inspect` until it names someone (a just-killed rank needs ``stale_after_s`` to go stale)."""
-        deadline = time.monotonic() + max_wait_s
-        while True:
-            reasons = self.inspect()
-            if reasons or time.monotonic() >= deadline:
-                return reasons
-            time.sleep(min(0.25, self.interval_s))
+        """:meth:`inspect` now and, if it names no one, once more when a just-killed rank has gone stale."""
+        reasons = self.inspect()
+        if reasons or max_wait_s <= 0:
+            return reasons
+        time.sleep(min(max_wait_s, self.stale_after_s + self.interval_s))
+        return self.inspect()
+
+    def failure_reasons(self, max_wait_s: float) -> dict[int, str]:
+        """After a failed collective: the inspector's verdict, shared through the store (see the class doc)."""
+        if self._store is None or self._store_error:
+            return self.inspect()
+        if self.inspector:
+            reasons = self.wait_for_suspects(max_wait_s)
+            with contextlib.suppress(Exception), self._lock:
+                self._store.set(VERDICT_KEY, json.dumps({str(r): why for r, why in reasons.items()}))
+            return reasons
+        try:
+            waiter = self._store.clone()  # its own socket: the heartbeat thread keeps publishing meanwhile
+            waiter.set_timeout(timedelta(seconds=max_wait_s + 2 * self.interval_s + 1.0))
+            waiter.wait([VERDICT_KEY])
+            verdict = json.loads(bytes(waiter.get(VERDICT_KEY)).decode())
+        except Exception:  # no verdict in time (the inspector is stuck elsewhere) or the store is gone
+            return self.wait_for_suspects(max_wait_s)
+        return {int(r): why for r, why in verdict.items() if int(r) != self.env.rank}
 
     def close(self) -> None:
         """Stops the thread and marks this rank as done; idempotent."""
@@ -559,7 +605,7 @@ def describe_failure(
         )
         suspect_text = "the failed rank"
     else:
-        reasons = heartbeat.wait_for_suspects(heartbeat.stale_after_s + 2 * heartbeat.interval_s)
+        reasons = heartbeat.failure_reasons(heartbeat.stale_after_s + 2 * heartbeat.interval_s)
         if reasons:
             names = ", ".join(str(r) for r in reasons)
             lines.append(f"Suspect rank(s): {names} (this rank was at step {heartbeat.step}).")

@@ -270,7 +270,7 @@ def test_unknown_backend() -> None:
 
 # --------------------------------------------------------------------------------------------- heartbeat
 class DictStore:
-    """The three TCPStore calls Heartbeat uses, in memory."""
+    """The TCPStore calls Heartbeat uses, in memory (keys that are missing make wait/multi_get fail at once)."""
 
     def __init__(self, broken: bool = False) -> None:
         self.data: dict[str, bytes] = {}
@@ -291,6 +291,16 @@ class DictStore:
     def check(self, keys: list[str]) -> bool:
         self._check_alive()
         return all(k in self.data for k in keys)
+
+    def compare_set(self, key: str, expected: str, desired: str) -> bytes:
+        self._check_alive()
+        if key not in self.data and expected == "":
+            self.data[key] = desired.encode()
+        return self.data[key]
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        self._check_alive()
+        return [self.data[k] for k in keys]
 
 
 def _env(rank: int, world: int) -> DistEnv:
