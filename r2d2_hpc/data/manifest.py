@@ -144,8 +144,21 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
         return ShardError(problem(path, found, expected, fix))
 
     if not path.is_file():
+        if not any(Path(shard_dir).glob("shard-*.h5*")):
+            found = (
+                "does not exist" if not Path(shard_dir).exists() else "holds no shards and no manifest.json"
+            )
+            raise ShardError(
+                problem(
+                    shard_dir,
+                    f"{found}: the data is not prepared",
+                    "a shard directory written by prepare",
+                    f"prepare it: python -m r2d2_hpc.prepare data=<source> data.root=<dataset> out={shard_dir}"
+                    " (or point data.shards at the prepared directory)",
+                )
+            )
         raise error(
-            "no manifest.json",
+            "no manifest.json beside the shards",
             "a manifest beside the shards",
             f"the shard set is incomplete or prepare never finished; {_REPREPARE}",
         )

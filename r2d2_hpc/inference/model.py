@@ -19,7 +19,7 @@ from r2d2_hpc.config import DataConfig
 from r2d2_hpc.errors import ConfigError, problem
 from r2d2_hpc.models import build_model
 from r2d2_hpc.models.blocks import state_dict_mismatch
-from r2d2_hpc.train.checkpoint import CheckpointError, load_checkpoint
+from r2d2_hpc.train.checkpoint import RESUME_FIX, CheckpointError, load_checkpoint
 
 REQUIRED_INFO = (
     "name",
@@ -126,7 +126,12 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> Lo
             not fit the model its ``model_info`` describes (another model, channel or class count).
     """
     path = Path(checkpoint)
-    found = load_checkpoint(_checkpoint_file(path), expected_config_hash=None, map_location="cpu")
+    if not path.exists():
+        raise CheckpointError(problem(path, "it does not exist", "a checkpoint file or a run folder", _FIX))
+    try:
+        found = load_checkpoint(_checkpoint_file(path), expected_config_hash=None, map_location="cpu")
+    except CheckpointError as exc:  # its fix is the training one (resume=...): name predict's instead
+        raise CheckpointError(str(exc).replace(RESUME_FIX, _FIX)) from exc
     if found is None:
         raise CheckpointError(problem(path, "no checkpoint found", "a checkpoint file (last.pt)", _FIX))
     state, file = found

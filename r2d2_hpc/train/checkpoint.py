@@ -45,6 +45,7 @@ _DEFAULTS: dict[str, Any] = {
     "extra": {},
 }
 _FIX = "set resume=never to start over, or point resume= at a good checkpoint file"
+RESUME_FIX = _FIX  # the training fix in every CheckpointError; predict swaps in its own (inference/model.py)
 
 
 class CheckpointError(R2D2Error):
