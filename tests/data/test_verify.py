@@ -159,7 +159,7 @@ def test_padding_label_and_bad_foreground_are_named(shard_set: Path) -> None:
 
 
 def test_missing_or_unknown_manifest(tmp_path: Path, shard_set: Path) -> None:
-    assert len(problems := verify(tmp_path / "empty")) == 1 and "no manifest.json" in problems[0]
+    assert len(problems := verify(tmp_path / "empty")) == 1 and "the data is not prepared" in problems[0]
     manifest_path = shard_set / "manifest.json"
     manifest_path.write_text(manifest_path.read_text().replace('"format_version": 1', '"format_version": 2'))
     result = _cli(shard_set)
