@@ -36,6 +36,7 @@ import torch
 import torch.distributed as tdist
 
 from r2d2_hpc.errors import ConfigError, problem
+from r2d2_hpc.train.devices import choose_cuda_index
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def dist_env_from_environ(environ: Mapping[str, str] | None = None, backend: str
             )
         p.master_port = free_port()
     fields = {k: v for k, v in dataclasses.asdict(p).items() if k != "names"}
-    device = _device(resolved, p.local_rank, p.local_world_size)
+    device = _device(resolved, p.local_rank, p.local_world_size, env)
     return DistEnv(**fields, backend=resolved, device=device, job_id=env.get("SLURM_JOB_ID") or None)
 
 
@@ -274,18 +275,12 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def _device(backend: str, local_rank: int, local_world_size: int) -> str:
+def _device(backend: str, local_rank: int, local_world_size: int, env: Mapping[str, str]) -> str:
     if backend != "nccl":
         return "cpu"
-    visible = torch.cuda.device_count()
-    if visible >= local_world_size or local_rank < visible:
-        return f"cuda:{local_rank}"
-    if visible == 1:  # one GPU per task (srun --gpus-per-task=1, submitit's export): it is always device 0
-        return "cuda:0"
-    raise ConfigError(
-        f"local rank {local_rank} of {local_world_size} but only {visible} GPU(s) are visible; "
-        "request one GPU per task (e.g. --gpus-per-node equal to --ntasks-per-node)"
-    )
+    index, why = choose_cuda_index(local_rank, local_world_size, torch.cuda.device_count(), env)
+    log.debug("local rank %d uses cuda:%d (%s)", local_rank, index, why)
+    return f"cuda:{index}"
 
 
 def expand_nodelist(text: str, name: str = "SLURM_JOB_NODELIST") -> list[str]:
