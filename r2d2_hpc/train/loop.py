@@ -209,10 +209,12 @@ class _Trainer:
                     loss, lr = self._train_step(batches, timer)
                     self.step += 1
                     self._record(epoch, timer.lap(), loss, lr, bar)
-                    self._periodic()
-                    timer.reset()  # evaluation and checkpoint time is not the next step's data wait
+                    # A stop comes first: within the signal's grace window the one checkpoint that run()
+                    # writes on leaving is all there is time for, not a due evaluation and a second save.
                     if self._stop_requested():
                         return "preempted"
+                    self._periodic()
+                    timer.reset()  # evaluation and checkpoint time is not the next step's data wait
                 del batches
             return "completed"
         finally:
