@@ -189,9 +189,22 @@ def _quality(doc: Document, report: Report) -> None:
         "queue_wait_s",
     ]
     doc.table(q[[c for c in cols if c in q.columns]])
-    doc.figure("dice", "Final mean foreground Dice against ranks (the accuracy cost of scaling)")
+    doc.figure("dice", "Final mean foreground Dice against ranks: median over repeats, bars from min to max")
+    _convergence(doc, report)
     doc.figure("cost", "Time to the target Dice; cost to the target and to the end of the run")
     doc.figure("loss", "Training loss against samples seen, by scale")
+
+
+def _convergence(doc: Document, report: Report) -> None:
+    c = report.convergence
+    if c.empty:
+        return
+    doc.paragraph(
+        "Did scaling change convergence? Mean foreground Dice at an equal number of samples seen (the series' "
+        "common budget), mean over runs with a 95% interval; repeats train with different seeds. A change is "
+        "called only when its 95% interval excludes zero, and only with at least 3 seeds per scale."
+    )
+    doc.table(c)
 
 
 def _references(doc: Document, report: Report) -> None:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from r2d2_hpc.analysis import plots
 from r2d2_hpc.analysis import runs as run_metrics
+from r2d2_hpc.analysis.convergence import convergence_table
 from r2d2_hpc.analysis.document import build_document
 from r2d2_hpc.analysis.jsonl import LogError
 from r2d2_hpc.analysis.load import RunLog, discover_runs, load_runs
@@ -36,7 +37,7 @@ from r2d2_hpc.analysis.scaling import (
 from r2d2_hpc.errors import problem
 
 log = logging.getLogger(__name__)
-TABLES = ("runs", "scaling", "fits", "curves", "breakdown", "quality", "dice", "ranks")
+TABLES = ("runs", "scaling", "fits", "curves", "breakdown", "quality", "convergence", "dice", "ranks")
 
 
 @dataclass
@@ -49,7 +50,8 @@ class Report:
     - ``fits`` / ``curves``: the fitted step-time model per series, and its curve and projections;
     - ``breakdown``: seconds per step in data wait, compute, modelled communication and other;
     - ``quality``: Dice, time and cost to the target Dice, cost to finish, per series and scale;
-    - ``dice``: final Dice per run and class; ``ranks``: one row per rank log; ``loss``: loss curves.
+    - ``dice``: final Dice per run and class; ``ranks``: one row per rank log; ``loss``: loss curves;
+    - ``convergence``: Dice at an equal number of samples seen per series and scale, over seeds, with a verdict.
     """
 
     inputs: list[Path]
@@ -63,6 +65,7 @@ class Report:
     dice: pd.DataFrame
     ranks: pd.DataFrame
     loss: pd.DataFrame
+    convergence: pd.DataFrame = field(default_factory=pd.DataFrame)
     references: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
     figures: dict[str, bytes] = field(default_factory=dict)
@@ -149,6 +152,7 @@ def build_report(inputs: list[Path], opts: AnalysisOptions, loaded: list[RunLog]
         dice=_dice_table(runs, loaded),
         ranks=_ranks_table(loaded),
         loss=_loss_table(runs, loaded),
+        convergence=convergence_table(runs, loaded),
         notes=notes,
     )
     if opts.reference:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,15 @@ def plan(lc: LaunchConfig, models: dict[str, dict[str, Any]]) -> list[StudyRun]:
 
 
 def run_config(lc: LaunchConfig, model: dict[str, Any], study_dir: Path, run: StudyRun) -> RunConfig:
-    """The training config of one run; checks the batch split for its world size up front."""
+    """The training config of one run; checks the batch split for its world size up front.
+
+    Repeat ``r`` trains with ``train.seed + r``: the repeats of a scale are independent seeds, so their spread
+    is the spread over seeds (what the report's convergence check needs), and a scale's repeat ``r`` shares its
+    seed with repeat ``r`` of every other scale.
+    """
+    train = replace(lc.train, seed=lc.train.seed + run.repeat)
     cfg = RunConfig(
-        data=lc.data, model=model, train=lc.train, run_dir=str(study_dir / run.run_dir), resume="auto"
+        data=lc.data, model=model, train=train, run_dir=str(study_dir / run.run_dir), resume="auto"
     )
     cfg.train.micro_batch(run.world_size)  # a global batch that cannot be split fails here, not in a job
     return cfg

@@ -83,6 +83,7 @@ def write_run(
     resume_gap_s: float = 100.0,
     slurm: dict[str, Any] | None = None,
     train_samples: int | None = None,
+    seed: int | None = None,
 ) -> Path:
     """A run directory with every rank's timing log, config.json, result.json (and slurm.json when given).
 
@@ -141,6 +142,8 @@ def write_run(
             start = float(int(t) + 1 + resume_gap_s)  # whole seconds: started_at has no fraction
         (run / "timing" / f"rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
     config = {"model": {"name": model}, "train": {"scaling": scaling, "timing_warmup_steps": warmup_steps}}
+    if seed is not None:
+        config["train"]["seed"] = seed
     (run / "config.json").write_text(json.dumps(config))
     if status is not None:
         last_dice = evals[-1][2] if evals else []

@@ -109,3 +109,14 @@ def test_launch_never_prepares_data_and_names_the_prepare_command(launcher: str,
         assert f"data.shards={shard_dir} {found}: the data is not prepared" in err, err[-2000:]
         assert f"python -m r2d2_hpc.prepare data=mni_tissue out={shard_dir}" in err
     assert list(empty.iterdir()) == [] and not missing.exists() and not (tmp_path / "s").exists()
+
+
+def test_repeats_train_with_different_seeds_shared_across_scales(tmp_path: Path) -> None:
+    from r2d2_hpc.launch.plan import model_configs, plan, run_config
+
+    lc = _launch_config(["study.scales=[1,2]", "study.repeats=3", "train.seed=10"])
+    runs = plan(lc, model_configs(lc, explicit_model=True))
+    seeds = {(r.world_size, r.repeat): run_config(lc, lc.model, tmp_path, r).train.seed for r in runs}
+    assert {seeds[(1, r)] for r in range(3)} == {10, 11, 12}
+    assert all(seeds[(1, r)] == seeds[(2, r)] for r in range(3))
+    assert lc.train.seed == 10  # the launch config itself is left alone
