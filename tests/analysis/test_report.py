@@ -107,7 +107,8 @@ def test_html_is_self_contained_with_every_plot_and_table(study) -> None:
         "Definitions",
     ):
         assert f"<h2>{title}</h2>" in page
-    assert page.count("<table>") == 7  # scaling, fit, projections, breakdown, quality, references, runs
+    # scaling, fit, projections, breakdown, quality, convergence, references, runs
+    assert page.count("<table>") == 8
     assert "PROJECTIONS (model, not measured)" in page and "NVIDIA" in page and "10.1002/spe.2878" in page
     md = (out / "report.md").read_text()
     assert all(f"]({name}.png)" in md for name in report.figures)
