@@ -360,7 +360,7 @@ class LauncherConfig:
     cpus_per_task: int = 2  # CPUs per rank (DataLoader workers need some)
     mem_gb: float | None = None  # memory per node in GB (None: the partition's default)
     constraint: str | None = None  # Slurm --constraint (e.g. a GPU model)
-    exclusive: bool = False  # whole nodes only
+    exclusive: bool = True  # Slurm: node-exclusive jobs, so runs of a study never share a node (false: small runs may share)
     signal_delay_s: int = 90  # seconds before the time limit at which Slurm sends the preemption signal
     max_requeues: int = 3  # requeues after preemption or time-out before the run is reported failed
     setup: list[str] = field(

@@ -39,7 +39,12 @@ def _local_executor(folder: Path, lc: LaunchConfig, world_size: int) -> Any:
 
 
 def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int, tasks_per_node: int) -> Any:
-    """A submitit SlurmExecutor with the launcher's parameters (one task per GPU, or CPU ranks)."""
+    """A submitit SlurmExecutor with the launcher's parameters (one task per GPU, or CPU ranks).
+
+    A run smaller than a node asks for only the GPUs its ranks use (``gpus_per_node`` is capped at the run's
+    tasks per node). ``srun`` gets ``--cpus-per-task`` explicitly: Slurm 22.05 to 23.02 do not pass the job's
+    value on to srun, so every rank would get one CPU and its DataLoader workers would share it.
+    """
     import submitit
 
     lp = lc.launcher
@@ -50,11 +55,13 @@ def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int, tasks_per_node: i
         "cpus_per_task": lp.cpus_per_task,
         "signal_delay_s": lp.signal_delay_s,
         "setup": list(lp.setup),
+        "srun_args": [f"--cpus-per-task={lp.cpus_per_task}"],
         "additional_parameters": {"requeue": True, **lp.extra_sbatch},
         "job_name": "r2d2",
     }
-    if lp.gpus_per_node:
-        params["gpus_per_node"] = lp.gpus_per_node
+    gpus = gpus_per_node(lc, tasks_per_node)
+    if gpus:
+        params["gpus_per_node"] = gpus
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(lp, key):
             params[key] = getattr(lp, key)
@@ -67,6 +74,11 @@ def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int, tasks_per_node: i
     )
     executor.update_parameters(**params)
     return executor
+
+
+def gpus_per_node(lc: LaunchConfig, tasks_per_node: int) -> int:
+    """The GPUs per node a run asks for: one per rank, at most ``launcher.gpus_per_node`` (0 on CPU nodes)."""
+    return min(lc.launcher.gpus_per_node, tasks_per_node)
 
 
 def run_local(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> None:

@@ -3,11 +3,13 @@
 The launcher owns the cluster; the training loop knows nothing of it. ``TrainJob`` turns the job's environment
 into a ``DistEnv``, trains this rank, and handles preemption and time-outs the safe way:
 
-- Slurm sends the preemption signal (``USR2`` by default, ``signal_delay_s`` before the time limit, or at
-  preemption; ``scancel --signal=USR2``) to every task. Our handler, installed over submitit's, only sets a flag:
-  every rank stops at the next step boundary (they agree through an all-reduce), rank 0 writes the checkpoint, and
-  then rank 0 requeues the job (``scontrol requeue``), at most ``max_requeues`` times (counted in the run
-  directory). The requeued job runs the same callable, and ``resume=auto`` continues from that checkpoint with the
+- Slurm sends submitit's signal (``USR2`` by default) ``signal_delay_s`` before the time limit, and SIGTERM to every
+  task when a job of a higher-priority partition preempts this one (``PreemptMode=REQUEUE``: SIGKILL follows after
+  the partition's ``GraceTime``; submitit itself ignores SIGTERM, so the work since the last periodic checkpoint
+  would be lost). Our handler, installed over submitit's for both, only sets a flag: every rank stops at the next
+  step boundary (they agree through an all-reduce), rank 0 writes the checkpoint, and then rank 0 requeues the job
+  itself (``scontrol requeue``, within GraceTime: a job that ends by itself would count as COMPLETED), at most
+  ``max_requeues`` times (counted in the run directory). The requeued job runs the same callable, and ``resume=auto`` continues from that checkpoint with the
   same step, learning rate and data order.
 - Checkpointing from inside submitit's own handler (its ``checkpoint()`` hook) would interrupt a step half-way and
   could not gather the other ranks' RNG states, so ``checkpoint()`` is only a fallback that resubmits the job as it
@@ -109,7 +111,8 @@ def _slurm_job_id() -> str:
 
 
 def _preemption_signals() -> list[signal.Signals]:
-    """submitit's preemption signal (SUBMITIT_PREEMPT_SIGNAL, default USR2) and USR1 (our sbatch scripts)."""
+    """submitit's time-limit signal (SUBMITIT_PREEMPT_SIGNAL, default USR2), USR1 (our sbatch scripts) and SIGTERM
+    (Slurm's preemption signal)."""
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
-    found = {getattr(signal, f"SIG{name}", signal.SIGUSR2), signal.SIGUSR1}
+    found = {getattr(signal, f"SIG{name}", signal.SIGUSR2), signal.SIGUSR1, signal.SIGTERM}
     return sorted(found)

@@ -2,9 +2,17 @@
 
 Each script runs ``srun python -m r2d2_hpc.train`` with one task per GPU (or CPU rank) and the run's complete,
 resolved config (written beside it as ``<run>.yaml``, so the job does not depend on the submitting shell or on
-``conf/``). ``--signal=USR1@<delay>`` reaches every task before the time limit: the ranks stop at a step boundary
-and checkpoint, and the script requeues the job (``--requeue``) until ``launcher.max_requeues`` restarts; the
-requeued job resumes from the checkpoint (``resume=auto``).
+``conf/``). ``srun`` gets ``--cpus-per-task`` explicitly: Slurm 22.05 to 23.02 no longer pass the job's value on to
+srun, and every rank would get one CPU.
+
+Stopping: ``--signal=USR1@<delay>`` reaches every task before the time limit, and a preemption (a job of a higher
+partition taking the nodes, ``PreemptMode=REQUEUE``) sends SIGTERM to every task, ``GraceTime`` before SIGKILL.
+Either way the ranks stop at the next step boundary, rank 0 checkpoints and writes ``result.json`` with status
+``preempted``, and the ranks exit 0; the script then requeues the job itself (``scontrol requeue``: a job that
+ends by itself within GraceTime would otherwise count as COMPLETED) until ``launcher.max_requeues`` restarts, and
+the requeued job resumes from the checkpoint (``resume=auto``). Only *this* attempt's outcome counts: a
+``result.json`` written before the attempt started (an earlier, preempted attempt's) never makes a crashing attempt
+look preempted; a crash fails the job with the ranks' exit status.
 """
 
 from __future__ import annotations
@@ -40,23 +48,33 @@ $options
 set -uo pipefail
 $setup
 export OMP_NUM_THREADS=$${SLURM_CPUS_PER_TASK:-1}
-srun --kill-on-bad-exit=1 $python -m r2d2_hpc.train --config-dir $script_dir --config-name $run
+attempt_start=$$(mktemp)  # a result.json older than this is an earlier attempt's
+srun --kill-on-bad-exit=1 --cpus-per-task=$cpus_per_task $python -m r2d2_hpc.train --config-dir $script_dir --config-name $run
 status=$$?
-# Preempted or near the time limit: the ranks checkpointed at a step boundary; requeue to resume.
-if grep -q '"status": "preempted"' $run_dir/result.json 2>/dev/null \\
-    && [ "$${SLURM_RESTART_COUNT:-0}" -lt $max_requeues ]; then
-  scontrol requeue "$$SLURM_JOB_ID"
-  exit 0
+result=$run_dir/result.json
+preempted=0
+if [ "$$status" -eq 0 ] && [ "$$result" -nt "$$attempt_start" ] && grep -q '"status": "preempted"' "$$result"; then
+  preempted=1
 fi
-exit $$status
+rm -f "$$attempt_start"
+[ "$$preempted" -eq 1 ] || exit $$status  # completed (0), or this attempt crashed: fail, no requeue
+# Preempted (SIGTERM) or near the time limit (USR1): the ranks checkpointed at a step boundary; requeue to resume.
+if [ "$${SLURM_RESTART_COUNT:-0}" -ge $max_requeues ]; then
+  echo "r2d2: stopped early $$(( $${SLURM_RESTART_COUNT:-0} + 1 )) times (launcher.max_requeues=$max_requeues): not requeued; resume with resume=auto" >&2
+  exit 3
+fi
+scontrol requeue "$$SLURM_JOB_ID" || { echo "r2d2: scontrol requeue $$SLURM_JOB_ID failed" >&2; exit 4; }
+exit 0
 """)
 
 
-def sbatch_options(lp: LauncherConfig) -> list[str]:
-    """The optional #SBATCH lines of a launcher config, in a fixed order."""
+def sbatch_options(lp: LauncherConfig, tasks_per_node: int | None = None) -> list[str]:
+    """The optional #SBATCH lines of a launcher config, in a fixed order; a run of ``tasks_per_node`` ranks per
+    node asks for that many GPUs at most (a run smaller than a node requests only what it uses)."""
     lines = []
-    if lp.gpus_per_node:
-        lines.append(f"--gpus-per-node={lp.gpus_per_node}")
+    gpus = min(lp.gpus_per_node, tasks_per_node or lp.ranks_per_node())
+    if gpus:
+        lines.append(f"--gpus-per-node={gpus}")
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(lp, key):
             lines.append(f"--{key}={getattr(lp, key)}")
@@ -81,16 +99,17 @@ def render_script(
     lp = lc.launcher
     script_dir = f"{study_dir}/sbatch"
     hours, minutes = divmod(lp.time_min, 60)
+    tasks_per_node = tasks_per_node or lp.ranks_per_node()
     return TEMPLATE.substitute(
         run=run_name,
         study_dir=study_dir,
         script_dir=script_dir,
         nodes=nodes,
-        tasks_per_node=tasks_per_node or lp.ranks_per_node(),
+        tasks_per_node=tasks_per_node,
         cpus_per_task=lp.cpus_per_task,
         time=f"{hours:02d}:{minutes:02d}:00",
         signal_delay_s=lp.signal_delay_s,
-        options="\n".join(sbatch_options(lp)),
+        options="\n".join(sbatch_options(lp, tasks_per_node)),
         setup="\n".join(lp.setup),
         python=shlex.quote(lp.python or sys.executable),
         run_dir=shlex.quote(run_dir),

@@ -3,7 +3,9 @@
 Start one process per GPU (or per CPU rank) with ``torchrun --nproc_per_node=N -m r2d2_hpc.train ...`` or
 ``srun python -m r2d2_hpc.train ...``; the distributed environment is read from the variables they set. Any
 setting of ``conf/train.yaml`` and the ``data/``, ``model/`` and ``train/`` groups is a Hydra override.
-SIGUSR1 (``sbatch --signal=USR1@90``) makes every rank stop at the next step boundary and checkpoint.
+SIGUSR1 (``sbatch --signal=USR1@90``, before the time limit) and SIGTERM (a Slurm preemption, ``GraceTime`` before
+SIGKILL) make every rank stop at the next step boundary; rank 0 checkpoints, ``result.json`` says ``preempted`` and
+the process exits 0, so the batch script can requeue the job (``launcher=sbatch`` scripts do).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     _setup_logging(env.rank)
     stop = StopFlag()
-    signal.signal(signal.SIGUSR1, lambda *_: stop.set())
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         result = train(run_cfg, env, stop)
     except R2D2Error as exc:
