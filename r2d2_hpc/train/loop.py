@@ -56,6 +56,7 @@ from r2d2_hpc.train.steptimer import StepTimer
 from r2d2_hpc.train.timing import (
     Throughput,
     TimingLog,
+    read_jsonl,
     run_result,
     training_header,
     write_result,
@@ -188,6 +189,8 @@ class _Trainer:
             time.monotonic() - self.t_start,
         )
         result["corrupt_samples_skipped"] = self.batch_stats.total_corrupt_skipped(self.env)
+        # every start of this run (a preempted or timed-out job resumes as a new attempt): one header each
+        result["attempts"] = sum(1 for rec in read_jsonl(self.timing.path) if rec.get("type") == "header")
         if self.env.is_main:
             write_result(self.run_dir, result)
         return result
