@@ -24,8 +24,10 @@ from r2d2_hpc.config import CONF_DIR, LaunchConfig, register_configs, to_datacla
 from r2d2_hpc.errors import LaunchError, R2D2Error
 from r2d2_hpc.launch.accounting import store_accounting
 from r2d2_hpc.launch.executors import reattach, run_local, submit_slurm
+from r2d2_hpc.launch.finish import finish_study
+from r2d2_hpc.launch.follow import follow
 from r2d2_hpc.launch.plan import describe, model_configs, plan, run_config
-from r2d2_hpc.launch.record import Study, wait_all
+from r2d2_hpc.launch.record import Study
 
 log = logging.getLogger("r2d2_hpc.launch")
 register_configs()
@@ -49,7 +51,8 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
     """Runs (or submits, or re-attaches to) a study; returns the study directory."""
     if lc.study.attach:
         study = Study.load(Path(lc.study.attach))
-        wait_all(study, reattach(study))
+        reattach(study)  # checks that the study can be attached to
+        follow(study)
         store_accounting(study)
         return _finish(study, lc)
     check_data(lc)
@@ -65,6 +68,7 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
         _dry_run(lc, runs, configs, study_dir)
         return study_dir
     study = Study.create(study_dir, runs, lc.launcher.name, _plain(lc))
+    study.write_run_configs(configs)
     log.info("study %s: %d run(s) with launcher=%s", study_dir, len(runs), lc.launcher.name)
     if lc.launcher.name == "sbatch":
         from r2d2_hpc.launch.sbatch import render_study
@@ -75,13 +79,14 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
         run_local(study, lc, configs)
     else:
         jobs = submit_slurm(study, lc, configs)
+        print(f"study {study.dir}: follow it with python -m r2d2_hpc.study status {study.dir}")
         if not lc.study.wait:
             print(
                 f"submitted {len(jobs)} job(s); collect them later with: python -m r2d2_hpc.launch "
                 f"study.attach={study.dir}"
             )
             return study.dir
-        wait_all(study, jobs)
+        follow(study)
         store_accounting(study)
     return _finish(study, lc)
 
@@ -112,13 +117,7 @@ def _dry_run(lc: LaunchConfig, runs: list, configs: dict, study_dir: Path) -> No
 
 
 def _finish(study: Study, lc: LaunchConfig) -> Path:
-    print(study.summary())
-    if lc.study.report:
-        from r2d2_hpc.analysis import analyse
-
-        analyse([study.dir], out=study.dir / "report")
-        print(f"report: {study.dir / 'report' / 'report.html'} (and report.md)")
-    return study.dir
+    return finish_study(study, lc.study.report)
 
 
 def _plain(lc: LaunchConfig) -> dict[str, Any]:

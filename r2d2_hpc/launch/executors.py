@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from r2d2_hpc.config import LaunchConfig
 from r2d2_hpc.errors import LaunchError
 from r2d2_hpc.launch.job import TrainJob
+from r2d2_hpc.launch.live import LocalProgress
+from r2d2_hpc.launch.progress import run_progress
 from r2d2_hpc.launch.record import Study, job_outcome
 
 log = logging.getLogger("r2d2_hpc.launch")
@@ -82,25 +85,52 @@ def gpus_per_node(lc: LaunchConfig, tasks_per_node: int) -> int:
 
 
 def run_local(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> None:
-    """Runs one run at a time (a small machine: concurrent runs would distort every timing)."""
-    for run in study.runs:
-        if run.state == "COMPLETED":
-            continue
-        executor = _local_executor(study.dir / "jobs", lc, run.world_size)
-        job = executor.submit(TrainJob(configs[run.name], lc.launcher.max_requeues, master_port=_free_port()))
-        run.job_id, run.state = str(job.job_id), "RUNNING"
-        study.save()
-        log.info("%s: %d rank(s) ...", run.name, run.world_size)
-        run.state, run.error = job_outcome(job)
-        study.save()
-        if run.error:
-            log.error("%s failed: %s", run.name, run.error.splitlines()[0])
+    """Runs the PLANNED runs one at a time (a small machine: concurrent runs would distort every timing).
+
+    Shows their progress (:class:`~.live.LocalProgress`); a run cancelled meanwhile
+    (``python -m r2d2_hpc.study cancel``) is not started, or stays CANCELLED.
+    """
+    todo = [run for run in study.runs if run.state == "PLANNED"]
+    progress = LocalProgress(
+        [r.name for r in todo],
+        {r.name: configs[r.name].train.max_steps for r in todo},
+        lc.train.log_every_steps,
+    )
+    try:
+        for run in todo:
+            study.keep_cancelled()
+            if run.state == "CANCELLED":
+                progress.finish(run.name, run.state)
+                continue
+            executor = _local_executor(study.dir / "jobs", lc, run.world_size)
+            job = executor.submit(
+                TrainJob(configs[run.name], lc.launcher.max_requeues, master_port=_free_port())
+            )
+            run.job_id, run.state = str(job.job_id), "RUNNING"
+            study.save()
+            log.info("%s: %d rank(s) ...", run.name, run.world_size)
+            progress.start(run.name)
+            while lc.launcher.name != "debug" and not job.done():  # a debug job runs in results()
+                progress.update(run.name, run_progress(study.dir / run.run_dir))
+                time.sleep(0.5)
+            progress.update(run.name, run_progress(study.dir / run.run_dir))
+            study.keep_cancelled()
+            if run.state != "CANCELLED":  # a cancelled job leaves no result: do not wait for one
+                run.state, run.error = job_outcome(job)
+            study.save()  # keeps a CANCELLED mark written while the run ran
+            progress.finish(run.name, run.state)
+            if run.error and run.state != "CANCELLED":
+                log.error("%s failed: %s", run.name, run.error.splitlines()[0])
+    finally:
+        progress.close()
 
 
-def submit_slurm(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> dict[str, Any]:
-    """Submits every run at once; runs with equal executor parameters go in one array."""
+def submit_slurm(
+    study: Study, lc: LaunchConfig, configs: dict[str, Any], runs: list[Any] | None = None
+) -> dict[str, Any]:
+    """Submits every run (or ``runs``) at once; runs with equal executor parameters go in one array."""
     groups: dict[tuple[int, int], list] = defaultdict(list)
-    for run in study.runs:
+    for run in study.runs if runs is None else runs:
         groups[(run.nodes, run.world_size // run.nodes)].append(run)
     jobs = {}
     for (nodes, tasks_per_node), runs in groups.items():

@@ -60,6 +60,8 @@ def plan(lc: LaunchConfig, models: dict[str, dict[str, Any]]) -> list[StudyRun]:
     for name in models:
         for scale in sorted({int(s) for s in lc.study.scales}):
             nodes, world = nodes_and_ranks(scale, unit, per_node)
+            if lc.launcher.name in ("local", "debug"):
+                nodes = 1  # every rank on this machine
             for repeat in range(lc.study.repeats):
                 run_name = f"{name}-{tag}{scale}-r{repeat}"
                 runs.append(StudyRun(run_name, name, nodes, world, repeat, f"runs/{run_name}"))

@@ -2,13 +2,19 @@
 
 ``study.json`` (format "r2d2-study", version 1) is rewritten atomically whenever a job changes state; it records
 for every run its name, model, nodes, world size, repeat, run directory (relative to the study directory), job id,
-state and, for a failed job, the tail of its stderr. The analysis reads it to list failed runs.
+state and, for a failed job, the tail of its stderr. The analysis reads it to list failed runs. It also records
+the host and process id of the launcher (a local study's runs live as long as it does), and ``configs/<run>.json``
+beside it holds each run's complete training config, so ``python -m r2d2_hpc.study resume`` can resubmit a run.
+
+``python -m r2d2_hpc.study cancel`` marks runs CANCELLED in ``study.json`` while a launcher may still hold the
+study in memory: :meth:`Study.save` keeps such a mark for as long as the run's job is the one that was cancelled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +24,7 @@ from typing import Any
 from r2d2_hpc.errors import LaunchError
 
 STUDY_FILE = "study.json"
+CONFIG_DIR = "configs"
 
 STUDY_FORMAT, STUDY_VERSION = "r2d2-study", 1
 
@@ -73,6 +80,8 @@ class Study:
             "format_version": STUDY_VERSION,
             "launcher": launcher,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "launcher_pid": os.getpid(),
             "config": config,
         }
         study = cls(directory, runs, meta)
@@ -97,13 +106,62 @@ class Study:
         runs = [StudyRun(**r) for r in data.pop("runs")]
         return cls(directory, runs, data)
 
-    def save(self) -> None:
+    def save(self, keep_cancelled: bool = True) -> None:
+        """Writes study.json atomically, keeping CANCELLED marks another process wrote (see the module doc)."""
+        if keep_cancelled:
+            self.keep_cancelled()
         path = self.dir / STUDY_FILE
-        tmp = path.with_suffix(".json.tmp")
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(
             json.dumps(self.meta | {"runs": [asdict(r) for r in self.runs]}, indent=1, default=str)
         )
         os.replace(tmp, path)
+
+    def keep_cancelled(self) -> None:
+        """Takes over the CANCELLED marks on disk for runs whose job has not changed since."""
+        try:
+            on_disk = {r["name"]: r for r in json.loads((self.dir / STUDY_FILE).read_text())["runs"]}
+        except (OSError, ValueError, KeyError):
+            return
+        for run in self.runs:
+            disk = on_disk.get(run.name)
+            if disk and disk.get("state") == "CANCELLED" and disk.get("job_id") == run.job_id:
+                run.state = "CANCELLED"
+                run.error = disk.get("error")
+
+    def run(self, name: str) -> StudyRun:
+        """The run called ``name``; the error lists the study's runs."""
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise LaunchError(
+            f"{self.dir / STUDY_FILE} has no run {name!r}; its runs are: {', '.join(r.name for r in self.runs)}"
+        )
+
+    def write_run_configs(self, configs: dict[str, Any]) -> None:
+        """``configs/<run>.json``: each run's complete training config (a RunConfig), for resubmission."""
+        folder = self.dir / CONFIG_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, cfg in configs.items():
+            body = json.dumps(
+                asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else cfg, indent=1, default=str
+            )
+            tmp = folder / f"{name}.json.tmp"
+            tmp.write_text(body)
+            os.replace(tmp, folder / f"{name}.json")
+
+    def run_config(self, run: StudyRun) -> Any:
+        """The RunConfig of ``run`` from ``configs/<run>.json`` (else the run directory's ``config.json``)."""
+        from r2d2_hpc.config import RunConfig, to_dataclass
+
+        for path in (self.dir / CONFIG_DIR / f"{run.name}.json", self.dir / run.run_dir / "config.json"):
+            if path.is_file():
+                return to_dataclass(RunConfig, json.loads(path.read_text()))
+        raise LaunchError(
+            f"{self.dir / CONFIG_DIR / (run.name + '.json')} does not exist, nor does {run.run_dir}/config.json; "
+            "expected the run's training config written at launch. Fix: launch the study again with the "
+            "same settings and study.dir (finished runs are kept, resume=auto continues the others)"
+        )
 
     def summary(self) -> str:
         lines = [
