@@ -47,7 +47,7 @@ class LocalProgress:
     def __init__(self, names: list[str], totals: dict[str, int], log_every: int, out: IO[str] | None = None):
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
-        self.names, self.totals, self.log_every = names, totals, max(1, log_every)
+        self.names, self.totals, self.log_every = names, totals, log_every  # 0: only the last step
         self.states: dict[str, str] = {}
         self._bar: Any = None
         self._summary: Any = None
@@ -87,9 +87,10 @@ class LocalProgress:
             self._bar.n = prog.step
             self._bar.set_postfix(info, refresh=True)
             return
-        if prog.step >= self._logged_step + self.log_every:
+        every = self.log_every or prog.total
+        if prog.step >= self._logged_step + every or (prog.step == prog.total > self._logged_step):
             # the latest multiple of log_every reached (a fast run may pass several between two polls)
-            self._logged_step = prog.step - prog.step % self.log_every
+            self._logged_step = prog.step - prog.step % every if prog.step < prog.total else prog.step
             self.out.write(
                 f"{name}: step {prog.step}/{prog.total} loss {info['loss']} "
                 f"{info['samples/s']} samples/s ETA {info['ETA']}\n"
