@@ -51,7 +51,8 @@ def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
     """Runs (or submits, or re-attaches to) a study; returns the study directory."""
     if lc.study.attach:
         study = Study.load(Path(lc.study.attach))
-        reattach(study)  # checks that the study can be attached to
+        if study.meta.get("launcher") != "sbatch":  # sbatch jobs are followed through squeue/sacct alone
+            reattach(study)  # checks that the study can be attached to
         follow(study)
         store_accounting(study)
         return _finish(study, lc)
