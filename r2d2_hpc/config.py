@@ -266,6 +266,9 @@ class TrainConfig:
     threads_per_rank: int | None = (
         None  # torch threads per rank; None: OMP_NUM_THREADS, else the CPUs it may use / ranks
     )
+    allow_world_size_change: bool = (
+        False  # resume a checkpoint written by another number of ranks (LR rescaled)
+    )
     timing_warmup_steps: int = 5  # steps excluded from the throughput in result.json
 
     def __post_init__(self) -> None:

@@ -41,6 +41,7 @@ from r2d2_hpc.train.evaluate import evaluate
 from r2d2_hpc.train.losses import DiceCELoss, deep_supervision_loss
 from r2d2_hpc.train.metrics import mean_foreground_dice
 from r2d2_hpc.train.progress import Progress
+from r2d2_hpc.train.resume import check_world_size, load_agreed_checkpoint, rescale_lr
 from r2d2_hpc.train.sampler import ResumableDistributedSampler, position, steps_per_epoch
 from r2d2_hpc.train.schedule import build_optimizer, build_scheduler_from_config, scaled_lr
 from r2d2_hpc.train.setup import (
@@ -149,6 +150,7 @@ class _Trainer:
         self.t_start = time.monotonic()
         self.last_dice: list[float] = []
         self.evaluated_at = -1
+        self.resumed_world_size: int | None = None
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -165,6 +167,7 @@ class _Trainer:
             (len(self.train_ds), len(self.val_ds)),
             resumed_at,
         )
+        header["resumed_from_world_size"] = self.resumed_world_size  # each segment has its own world_size
         path = self.run_dir / "timing" / f"rank{self.env.rank}.jsonl"
         self.timing = TimingLog(path, header, append=resumed_at is not None)
         status = "completed"
@@ -346,11 +349,15 @@ class _Trainer:
         if mode == "never":
             return None
         target = self.run_dir / "checkpoints" if mode == "auto" else Path(mode)
-        found = ckpt.load_checkpoint(target, self.config_hash, map_location=self.device)
+        found = load_agreed_checkpoint(target, self.config_hash, self.env, self.cpu_group, self.device)
         if found is None:
             return None
         state, path = found
+        changed = check_world_size(state, path, self.env, self.tc.allow_world_size_change)
         self.step = ckpt.restore_training_state(self.parts, state, self.env, path)
+        if changed:
+            rescale_lr(self.parts, self.lr_peak)
+        self.resumed_world_size = state["world_size"]
         self.last_dice = state.get("extra", {}).get("last_dice", [])
         log.info("rank %d resumed from %s at step %d", self.env.rank, path, self.step)
         return self.step
