@@ -221,10 +221,21 @@ def cost_figures(run: RunLog, world_size: int | None, device: str | None) -> dic
         out["cost_hours"] = out["elapsed_s"] * units / 3600
     else:
         gpu = str(device or "").startswith("cuda")
-        units = float(world_size or math.nan)
+        rank_s = rank_seconds(run, world_size)
+        units = rank_s / out["run_time_s"] if out["run_time_s"] > 0 else float(world_size or math.nan)
         out.update(cost_units=units, cost_unit="GPU-hours" if gpu else "rank-hours", cost_source="logs")
-        out["cost_hours"] = out["run_time_s"] * units / 3600
+        out["cost_hours"] = rank_s / 3600
     return out
+
+
+def rank_seconds(run: RunLog, world_size: int | None) -> float:
+    """Seconds x ranks over the run, each segment at its own header's world size (an elastic resume)."""
+    if not (run.headers and run.segment_times):
+        return run_time_s(run) * float(world_size or math.nan)
+    return sum(
+        segment_duration_s(run, i, h) * float(h.get("world_size") or world_size or math.nan)
+        for i, h in enumerate(run.headers)
+    )
 
 
 def run_row(run: RunLog, warmup_option: int | None) -> dict[str, Any]:
