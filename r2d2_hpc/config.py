@@ -270,6 +270,11 @@ class TrainConfig:
         False  # resume a checkpoint written by another number of ranks (LR rescaled)
     )
     timing_warmup_steps: int = 5  # steps excluded from the throughput in result.json
+    timing_sync_every_steps: int = 10  # one host sync per N steps (CUDA events and the loss are read then)
+    timing_sample_every_steps: int = 50  # a "comm" timing line (DDP's own comm/overlap numbers) every N steps
+    stop_check_every_steps: int = (
+        10  # ranks agree on a stop request (preemption) every N steps, on a CPU group
+    )
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -289,6 +294,9 @@ class TrainConfig:
             "lr_reference_batch",
             "eval_batch",
             "prefetch_factor",
+            "timing_sync_every_steps",
+            "timing_sample_every_steps",
+            "stop_check_every_steps",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -27,7 +27,23 @@ import pandas as pd
 from r2d2_hpc.errors import R2D2Error, problem
 
 SUPPORTED_SCHEMAS = (1,)
-STEP_KEYS = ("step", "epoch", "data_wait_s", "compute_s", "step_s", "samples", "loss", "lr", "time")
+STEP_KEYS = (
+    "step",
+    "epoch",
+    "data_wait_s",
+    "compute_s",
+    "exposed_comm_s",
+    "comm_s",
+    "other_s",
+    "step_s",
+    "samples",
+    "loss",
+    "lr",
+    "time",
+)
+# Step lines written before communication was measured: the same schema, without the three booked parts.
+LEGACY_STEP_KEYS = ("step", "epoch", "data_wait_s", "compute_s", "step_s", "samples", "loss", "lr", "time")
+STEP_LAYOUTS = (STEP_KEYS, LEGACY_STEP_KEYS)
 INT_KEYS = ("step", "epoch", "samples")
 REQUIRED_KEYS = ("step", "step_s")
 _STEP_PREFIX = b'{"type": "step", '
@@ -134,10 +150,8 @@ def _parse_step_block(
     if len(lines) == 0:
         return pd.DataFrame({k: np.array([], dtype=np.float64) for k in STEP_KEYS})
     first, last = lines[0], lines[-1]
-    if not (
-        _keys_in_order(block[starts[first] : ends[first]])
-        and _keys_in_order(block[starts[last] : ends[last]])
-    ):
+    keys = _layout(block[starts[first] : ends[first]])
+    if keys is None or _layout(block[starts[last] : ends[last]]) != keys:
         return None
     for old, new in ((b"null", b"NULL"), (b"e-", b"E-"), (b"e+", b"E+")):
         if old in block:  # each replace copies the whole log
@@ -147,7 +161,7 @@ def _parse_step_block(
         table = pd.read_csv(
             io.BytesIO(numbers),
             header=None,
-            names=("type", *STEP_KEYS),
+            names=("type", *keys),
             dtype=np.float64,
             engine="c",
             comment="#",
@@ -161,15 +175,22 @@ def _parse_step_block(
         return None
     if np.isnan(table[["step", "epoch", "step_s", "samples", "time"]].to_numpy()).any():
         return None
-    return table.drop(columns="type")
+    table = table.drop(columns="type")
+    for key in STEP_KEYS:
+        if key not in table:
+            table[key] = np.nan  # a legacy line: not measured
+    return table[list(STEP_KEYS)]
 
 
-def _keys_in_order(line: bytes) -> bool:
+def _layout(line: bytes) -> tuple[str, ...] | None:
+    """The step-key layout a line is written in (one of :data:`STEP_LAYOUTS`), or None."""
     try:
         record = json.loads(line)
     except ValueError:
-        return False
-    return isinstance(record, dict) and tuple(record) == ("type", *STEP_KEYS)
+        return None
+    if not isinstance(record, dict):
+        return None
+    return next((keys for keys in STEP_LAYOUTS if tuple(record) == ("type", *keys)), None)
 
 
 def _parse_steps_slow(

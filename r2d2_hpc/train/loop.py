@@ -12,10 +12,10 @@ RNG states of every rank.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from r2d2_hpc.config import RunConfig
 from r2d2_hpc.data.manifest import read_manifest
 from r2d2_hpc.train import checkpoint as ckpt
+from r2d2_hpc.train.comm import ddp_logging_fields, install_comm_timer
 from r2d2_hpc.train.data import BatchStats, build_datasets, build_train_loader, next_batch
 from r2d2_hpc.train.dist import (
     DistEnv,
@@ -53,7 +54,8 @@ from r2d2_hpc.train.setup import (
     seed_rank,
     write_run_config,
 )
-from r2d2_hpc.train.steptimer import StepTimer
+from r2d2_hpc.train.steptimer import StepTimer, StepTimes, clock_for
+from r2d2_hpc.train.stop import StopAgreement, StopFlag
 from r2d2_hpc.train.timing import (
     Throughput,
     TimingLog,
@@ -64,19 +66,6 @@ from r2d2_hpc.train.timing import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class StopFlag:
-    """Set by a signal handler (preemption, timeout): every rank stops at the next step boundary."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
 
 
 def train(cfg: RunConfig, env: DistEnv, stop: StopFlag | None = None) -> dict[str, Any]:
@@ -130,6 +119,9 @@ class _Trainer:
             static_graph=tc.static_graph,
         )
         self.forward = torch.compile(self.ddp) if tc.compile else self.ddp
+        comm = install_comm_timer(self.ddp, clock_for(self.device)) if env.world_size > 1 else None
+        self.timer = StepTimer(self.device, tc.timing_sync_every_steps, comm)
+        self.stopper = StopAgreement(stop, env, tc.stop_check_every_steps, cpu_group)
         self.lr_peak = scaled_lr(tc.lr, tc.lr_scaling, self.global_batch, tc.lr_reference_batch)
         optimizer = build_optimizer(self.model.parameters(), tc, self.lr_peak)
         scheduler = build_scheduler_from_config(optimizer, tc, self.global_batch)
@@ -199,58 +191,71 @@ class _Trainer:
         return result
 
     def _loop(self) -> str:
-        bar = Progress(self.tc.max_steps, self.step, self.env.is_main, self.tc.log_every_steps)
-        timer = StepTimer(self.device)
+        self.bar = Progress(self.tc.max_steps, self.step, self.env.is_main, self.tc.log_every_steps)
         try:
             while self.step < self.tc.max_steps:
                 epoch, offset = self._position()
-                self.sampler.set_epoch(epoch)
-                self.sampler.set_start(offset)
-                self.train_ds.set_epoch(epoch)
-                batches = iter(self.loader)
+                batches = self._epoch_batches(epoch, offset)
                 left = min(
                     self.steps_per_epoch - offset // self.samples_per_step, self.tc.max_steps - self.step
                 )
                 for _ in range(left):
-                    loss, lr = self._train_step(batches, timer)
-                    self.step += 1
-                    self._record(epoch, timer.lap(), loss, lr, bar)
+                    self._train_step(batches, epoch)
                     # A stop comes first: within the signal's grace window the one checkpoint that run()
                     # writes on leaving is all there is time for, not a due evaluation and a second save.
-                    if self._stop_requested():
+                    # It is outside the step's clock: the next step starts after the agreement.
+                    if self.stopper.should_stop(self.step):
                         return "preempted"
                     self._periodic()
-                    timer.reset()  # evaluation and checkpoint time is not the next step's data wait
                 del batches
             return "completed"
         finally:
-            bar.close()
+            self._record(self.timer.resolve())
+            self.bar.close()
 
-    def _record(
-        self, epoch: int, times: tuple[float, float, float], loss: float, lr: float, bar: Progress
-    ) -> None:
-        """Logs the step just taken: timing line, throughput, progress, heartbeat."""
-        data_wait_s, compute_s, step_s = times
-        self.timing.step(self.step, epoch, data_wait_s, compute_s, step_s, self.global_batch, loss, lr)
-        self.throughput.add(self.step, data_wait_s, step_s, self.global_batch)
-        bar.update(self.step, loss, lr)
-        if self.heartbeat is not None:
-            self.heartbeat.beat(self.step)
+    def _epoch_batches(self, epoch: int, offset: int) -> Iterator[dict[str, Any]]:
+        """The epoch's batches from ``offset`` on; the loader's restart (worker start-up, first batch) is timed
+        and logged on its own, not booked as the first step's data wait."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(offset)
+        self.train_ds.set_epoch(epoch)
+        t0 = time.perf_counter()
+        batches = iter(self.loader)
+        try:  # counted in self.batch_stats when the step takes it from the chain
+            first = [next_batch(batches, BatchStats())]
+        except StopIteration:
+            first = []
+        self.timing.loader_restart(self.step + 1, epoch, time.perf_counter() - t0)
+        return itertools.chain(first, batches)
 
-    def _train_step(self, batches: Iterator[dict[str, Any]], timer: StepTimer) -> tuple[float, float]:
-        """One optimizer step: grad_accum micro-batches, clipping, optimizer and scheduler."""
+    def _record(self, resolved: list[StepTimes]) -> None:
+        """Logs resolved steps: timing lines, throughput, progress."""
+        for t in resolved:
+            parts = {"exposed_comm_s": t.exposed_comm_s, "comm_s": t.comm_s, "other_s": t.other_s}
+            samples = self.global_batch
+            self.timing.step(
+                t.step, t.epoch, t.data_wait_s, t.compute_s, t.step_s, samples, t.loss, t.lr, **parts
+            )
+            self.throughput.add(t.step, t.data_wait_s, t.step_s, samples)
+            self.bar.update(t.step, t.loss, t.lr)
+
+    def _train_step(self, batches: Iterator[dict[str, Any]], epoch: int) -> None:
+        """One optimizer step (grad_accum micro-batches, clipping, optimizer, scheduler), timed by ``self.timer``."""
+        timer = self.timer
+        timer.start()
         self.ddp.train()
         optimizer, scaler = self.parts.optimizer, self.parts.scaler
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # summed on the device: read when the timer resolves
         for micro in range(self.tc.grad_accum):
+            timer.data_asked()
             batch = next_batch(batches, self.batch_stats)
             timer.data_ready()
             last = micro == self.tc.grad_accum - 1
             with contextlib.nullcontext() if last else self.ddp.no_sync():
                 loss = self._loss(batch) / self.tc.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
-            total += float(loss.detach())
+            total += loss.detach()
             if not last:
                 timer.compute_done()
         if scaler is not None:
@@ -262,10 +267,13 @@ class _Trainer:
             scaler.update()
         else:
             optimizer.step()
+        timer.compute_done()
         lr = optimizer.param_groups[0]["lr"]
         self.parts.scheduler.step()
-        timer.compute_done()
-        return total, lr
+        self.step += 1
+        self._record(timer.lap(self.step, epoch, total, lr))
+        if self.heartbeat is not None:
+            self.heartbeat.beat(self.step)
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Forward pass and loss of one micro-batch (under autocast when AMP is on)."""
@@ -284,18 +292,18 @@ class _Trainer:
         return position(self.step, self.steps_per_epoch, self.samples_per_step)
 
     def _periodic(self) -> None:
-        if self.tc.eval_every_steps and self.step % self.tc.eval_every_steps == 0:
+        tc, step = self.tc, self.step
+        evaluate_now = bool(tc.eval_every_steps) and step % tc.eval_every_steps == 0
+        checkpoint_now = bool(tc.checkpoint_every_steps) and step % tc.checkpoint_every_steps == 0
+        checkpoint_now = checkpoint_now and step < tc.max_steps
+        if evaluate_now or checkpoint_now:
+            self._record(self.timer.resolve())  # their lines are on disk before either starts
+        if step % tc.timing_sample_every_steps == 0 and self.timer.comm is not None:
+            self.timing.comm(step, self.timer.comm.bucket_bytes, ddp_logging_fields(self.ddp))
+        if evaluate_now:
             self._evaluate()
-        every = self.tc.checkpoint_every_steps
-        if every and self.step % every == 0 and self.step < self.tc.max_steps:
+        if checkpoint_now:
             self._checkpoint()
-
-    def _stop_requested(self) -> bool:
-        """Every rank agrees to stop at the same step boundary (MAX of the local flags)."""
-        flag = torch.tensor([1.0 if self.stop.is_set() else 0.0], device=self.device)
-        if self.env.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     # ------------------------------------------------------------------------------------- evaluation
     def _evaluate(self) -> None:

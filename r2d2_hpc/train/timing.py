@@ -4,9 +4,14 @@ Each line is one JSON object with a ``type``:
 
 - ``header``: who and what ran (see :func:`run_header`); a resumed run appends a new header whose
   ``resumed_at_step`` is the checkpoint's step, so steps after it may appear twice (the later lines win).
-- ``step``: step, epoch, data_wait_s, compute_s, step_s, samples (global batch), loss, lr, time (unix s).
+- ``step``: step, epoch, data_wait_s, compute_s, exposed_comm_s, comm_s, other_s, step_s, samples (global
+  batch), loss, lr, time (unix s). The booked parts data_wait_s + compute_s + exposed_comm_s + other_s add up to
+  step_s; comm_s is the time any all-reduce was in flight (mostly hidden behind the backward pass). Logs written
+  before these three fields existed lack them (still schema 1: a reader treats them as not measured).
+- ``comm``: step, bucket_bytes, ddp (DDP's own logging data, nanoseconds) every ``timing_sample_every_steps``.
+- ``loader``: step, epoch, restart_s: the DataLoader's restart at an epoch start (booked to no step).
 - ``eval``: step, epoch, dice_per_class, wall_s (since the run started), plus any extra fields.
-- ``end``: step, time, plus any extra fields (status, a weights hash), written when this rank stops.
+- ``end``: step, time, load_avg_1m, plus any extra fields (status, a weights hash), when this rank stops.
 
 The header and ``result.json`` of a training run are built here too (:func:`training_header`, :func:`run_result`).
 
@@ -17,14 +22,12 @@ Lines are buffered and written every ~1 s or 50 lines, so logging costs a step n
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
 import platform
 import resource
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +40,14 @@ from r2d2_hpc.atomic import disk_guard, write_json
 from r2d2_hpc.config import TrainConfig
 from r2d2_hpc.errors import R2D2Error, problem
 from r2d2_hpc.train.dist import DistEnv
+from r2d2_hpc.train.machine import (
+    cpu_facts,
+    device_name,
+    device_peak,
+    git_sha,
+    machine_load,
+    software_versions,
+)
 from r2d2_hpc.train.metrics import mean_foreground_dice
 from r2d2_hpc.train.schedule import warmup_steps_for
 
@@ -78,8 +89,12 @@ class TimingLog:
         samples: int,
         loss: float,
         lr: float,
+        *,
+        exposed_comm_s: float = 0.0,
+        comm_s: float = 0.0,
+        other_s: float = 0.0,
     ) -> None:
-        """One optimizer step."""
+        """One optimizer step; data wait, compute, exposed communication and other add up to ``step_s``."""
         self._write(
             {
                 "type": "step",
@@ -87,6 +102,9 @@ class TimingLog:
                 "epoch": int(epoch),
                 "data_wait_s": data_wait_s,
                 "compute_s": compute_s,
+                "exposed_comm_s": exposed_comm_s,
+                "comm_s": comm_s,
+                "other_s": other_s,
                 "step_s": step_s,
                 "samples": int(samples),
                 "loss": loss,
@@ -111,8 +129,20 @@ class TimingLog:
         )
 
     def end(self, step: int, **extra: Any) -> None:
-        """The run stopped on this rank (completed or preempted), e.g. with ``status`` and ``weights_sha256``."""
-        self._write({"type": "end", "step": int(step), "time": round(time.time(), 3), **extra})
+        """The run stopped on this rank (completed or preempted), e.g. with ``status`` and ``weights_sha256``;
+        the machine's load average now is recorded too (the honesty checks compare it with the header's)."""
+        self._write(
+            {"type": "end", "step": int(step), "time": round(time.time(), 3), **machine_load(), **extra}
+        )
+
+    def comm(self, step: int, bucket_bytes: list[int], ddp: dict[str, Any]) -> None:
+        """A sampled step's communication: the bucket sizes the comm hook saw and DDP's own numbers (ns)."""
+        self._write({"type": "comm", "step": int(step), "bucket_bytes": list(bucket_bytes), "ddp": ddp})
+
+    def loader_restart(self, step: int, epoch: int, seconds: float) -> None:
+        """The DataLoader restarted for ``epoch`` before ``step`` (iterator, workers, first batch): not a data
+        wait of any step."""
+        self._write({"type": "loader", "step": int(step), "epoch": int(epoch), "restart_s": seconds})
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._fh is None:
@@ -243,6 +273,9 @@ def run_header(
         "lr_rule": lr_rule,
         "amp": amp,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **cpu_facts(),
+        **machine_load(),
+        **software_versions(),
         **(extra or {}),
     }
 
@@ -278,6 +311,7 @@ def training_header(
         "dataset": model_info["dataset"],
         "train_samples": num_samples[0],
         "val_samples": num_samples[1],
+        **device_peak(env.device, device_name(env.device), tc.amp),
     }
     return run_header(
         env,
@@ -366,39 +400,3 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
-
-
-def device_name(device: str) -> str:
-    """The GPU's name for ``cuda:<i>``, else the CPU model from /proc/cpuinfo."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return _cpu_name()
-
-
-@functools.cache
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-@functools.cache
-def git_sha() -> str | None:
-    """The commit of the r2d2_hpc checkout, or None (no git, not a checkout); never raises."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else None

@@ -34,6 +34,7 @@ def test_a_stop_at_a_step_with_evaluation_and_checkpoint_due_checkpoints_once_an
         threads_per_rank=1,
         eval_every_steps=1,  # due after every step
         checkpoint_every_steps=1,  # due after every step
+        stop_check_every_steps=1,  # ranks agree on the flag after every step
         timing_warmup_steps=0,
     )
     cfg = RunConfig(

@@ -164,26 +164,43 @@ def test_run_header() -> None:
         assert header["git_sha"] == (out.stdout.strip() if out.returncode == 0 else None)
 
 
-def test_step_timer_splits_wait_and_compute() -> None:
+def test_step_timer_books_other_data_wait_and_compute() -> None:
     timer = StepTimer(torch.device("cpu"))
+    timer.start()
+    time.sleep(0.03)  # zero_grad and the like: other
+    timer.data_asked()
     time.sleep(0.05)
     timer.data_ready()
     time.sleep(0.1)
     timer.compute_done()
-    data_wait_s, compute_s, step_s = timer.lap()
-    assert 0.045 <= data_wait_s < 0.5 and 0.095 <= compute_s < 0.6
-    assert data_wait_s + compute_s <= step_s < data_wait_s + compute_s + 0.05
-    # two micro-batches (gradient accumulation) add up; reset() forgets time outside any step
-    time.sleep(0.5)
-    timer.reset()
-    for _ in range(2):
-        time.sleep(0.02)
-        timer.data_ready()
-        time.sleep(0.04)
-        timer.compute_done()
-    data_wait_s, compute_s, step_s = timer.lap()
-    assert 0.038 <= data_wait_s < 0.4 and 0.078 <= compute_s < 0.6  # without the 0.5 s before reset()
-    assert data_wait_s + compute_s <= step_s < 1.0
+    [t] = timer.lap(1, 0, torch.tensor(0.25), 0.01)
+    assert 0.045 <= t.data_wait_s < 0.5 and 0.095 <= t.compute_s < 0.6 and 0.028 <= t.other_s < 0.4
+    assert t.booked_s() == pytest.approx(t.step_s, rel=1e-9) and t.exposed_comm_s == t.comm_s == 0
+    assert (t.step, t.epoch, t.loss, t.lr) == (1, 0, 0.25, 0.01)
+
+
+def test_step_timer_resolves_every_k_steps_with_one_sync_each() -> None:
+    timer = StepTimer(torch.device("cpu"), sync_every_steps=3)
+    resolved = []
+    for step in range(1, 8):
+        timer.start()
+        for _ in range(2):  # two micro-batches (gradient accumulation): the parts add up
+            timer.data_asked()
+            time.sleep(0.002)
+            timer.data_ready()
+            time.sleep(0.004)
+            timer.compute_done()
+        got = timer.lap(step, 0, torch.tensor(float(step)), 0.1)
+        assert len(got) == (3 if step % 3 == 0 else 0)
+        resolved += got
+        time.sleep(0.02)  # between steps (stop check, evaluation): booked to no step
+    assert timer.num_syncs == 2 and [t.step for t in resolved] == [1, 2, 3, 4, 5, 6]
+    resolved += timer.resolve()  # before an evaluation, a checkpoint or the end
+    assert timer.num_syncs == 3 and [t.loss for t in resolved] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert timer.resolve() == [] and timer.num_syncs == 3
+    for t in resolved:
+        assert t.data_wait_s >= 0.0039 and t.compute_s >= 0.0079
+        assert t.booked_s() == pytest.approx(t.step_s, rel=1e-9) and t.step_s < 0.02 + 0.1
 
 
 def test_throughput_skips_the_warmup_steps() -> None:
