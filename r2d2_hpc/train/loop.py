@@ -48,6 +48,7 @@ from r2d2_hpc.train.schedule import build_optimizer, build_scheduler_from_config
 from r2d2_hpc.train.setup import (
     build_model_for,
     configure_process,
+    model_flops_on_rank0,
     model_info,
     plain_config,
     run_config_hash,
@@ -106,7 +107,9 @@ class _Trainer:
         manifest = read_manifest(Path(cfg.data.shard_dir()))
         model = build_model_for(cfg, manifest)
         self.train_ds, self.val_ds = build_datasets(cfg, env, model.required_multiple)
-        self.model_info = model_info(cfg, manifest, model, tuple(self.train_ds[0]["image"].shape))
+        shape = tuple(self.train_ds[0]["image"].shape)
+        flops = model_flops_on_rank0(model, shape, env, cpu_group)
+        self.model_info = model_info(cfg, manifest, model, shape, flops)
         seed_rank(tc.seed, env.rank)
         self.model = model.to(self.device)
         if tc.channels_last:

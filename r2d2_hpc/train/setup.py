@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
 from r2d2_hpc.atomic import write_json
 from r2d2_hpc.config import RunConfig, TrainConfig
@@ -86,10 +87,27 @@ def build_model_for(cfg: RunConfig, manifest: dict[str, Any]) -> torch.nn.Module
     )
 
 
+def model_flops_on_rank0(
+    model: torch.nn.Module, sample_shape: tuple[int, ...], env: DistEnv, group: Any
+) -> int:
+    """Forward FLOPs per sample, counted by rank 0 alone (on the meta device) and broadcast on the gloo group."""
+    box = [flops_per_sample(model, sample_shape) if env.is_main else None]
+    if env.world_size > 1:
+        tdist.broadcast_object_list(box, src=0, group=group)
+    return int(box[0])
+
+
 def model_info(
-    cfg: RunConfig, manifest: dict[str, Any], model: torch.nn.Module, sample_shape: tuple[int, ...]
+    cfg: RunConfig,
+    manifest: dict[str, Any],
+    model: torch.nn.Module,
+    sample_shape: tuple[int, ...],
+    flops: int | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint must carry to rebuild the model and its preprocessing elsewhere (predict)."""
+    """What a checkpoint must carry to rebuild the model and its preprocessing elsewhere (predict).
+
+    ``flops``: the forward FLOPs per sample when already known (:func:`model_flops_on_rank0`), else counted.
+    """
     return {
         "name": cfg.model["name"],
         "spatial_dims": int(cfg.model.get("spatial_dims", 2)),
@@ -105,7 +123,7 @@ def model_info(
         "required_multiple": int(model.required_multiple),
         "sample_shape": list(sample_shape),
         "num_params": count_parameters(model),
-        "flops_per_sample": flops_per_sample(model, sample_shape),
+        "flops_per_sample": flops_per_sample(model, sample_shape) if flops is None else int(flops),
     }
 
 

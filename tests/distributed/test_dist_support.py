@@ -59,6 +59,12 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
         tdist.get_world_size(nccl_side),
         nccl_side is tdist.group.WORLD,
     ]
+    from r2d2_hpc.models import build_model
+    from r2d2_hpc.train.setup import model_flops_on_rank0
+
+    # each rank builds a different model: a count made on rank 1 would differ from rank 0's
+    tiny = build_model("unet", 1, 2, 2, depth=1, base_width=4 * (rank + 1))
+    result["flops"] = model_flops_on_rank0(tiny, (1, 16, 16), env, group)
     _seed(100 + rank)
     states = gather_rng_states(env, group)
     if rank == 0:
@@ -68,6 +74,7 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
             result["draws"].append(_draws())
     else:
         result["gathered"] = states
+    (out_dir / f"rank{rank}.flops.json").write_text(json.dumps(result["flops"]))
     heartbeat = Heartbeat(env, interval_s=0.2, stale_after_s=1.5)
     value = torch.ones(1)
     for step in range(1, 10):
@@ -139,6 +146,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "rank0": json.loads(files[0].read_text()),
         "returncodes": [p.returncode for p in procs],
         "wall_s": time.monotonic() - started,
+        "out_dir": out_dir,
         "logs": logs,
     }
 
@@ -155,6 +163,18 @@ def test_gather_rng_states_returns_every_rank_on_rank_zero(two_ranks: dict[str, 
         expected.append(json.loads(json.dumps(_draws())))
     assert rank0["draws"] == expected  # each state reproduces its own rank's next numbers
     assert rank0["draws"][0] != rank0["draws"][1]
+
+
+@pytest.mark.distributed
+def test_flops_are_counted_on_rank_zero_and_shared(two_ranks: dict[str, Any]) -> None:
+    from r2d2_hpc.models import build_model, flops_per_sample
+
+    rank0_model = build_model("unet", 1, 2, 2, depth=1, base_width=4)
+    expected = flops_per_sample(rank0_model, (1, 16, 16))
+    rank1_own = flops_per_sample(build_model("unet", 1, 2, 2, depth=1, base_width=8), (1, 16, 16))
+    assert expected != rank1_own
+    counts = [json.loads((two_ranks["out_dir"] / f"rank{r}.flops.json").read_text()) for r in range(2)]
+    assert counts == [expected, expected], two_ranks["logs"]
 
 
 @pytest.mark.distributed
