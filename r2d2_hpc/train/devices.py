@@ -18,7 +18,12 @@ to ask for.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as tdist
 
 from r2d2_hpc.errors import ConfigError
 
@@ -136,3 +141,31 @@ def _count(text: str | None) -> int | None:
     """``4``, ``a100:4`` or ``4(x2)`` -> 4; None when absent or not a count."""
     match = re.fullmatch(r"(?:[^:,()]+:)?(\d+)(?:\(x\d+\))?", (text or "").strip())
     return int(match.group(1)) if match and int(match.group(1)) > 0 else None
+
+
+def gpu_uuid(device: str) -> str:
+    """The UUID of a CUDA device (the same string for a GPU whatever index each process gives it)."""
+    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+
+
+def check_distinct_gpus(rank: int, gpu_id: str, group: Any, world_size: int) -> None:
+    """Every rank calls this once after the rendezvous; two ranks on one GPU fail all ranks, naming them.
+
+    The mapping above follows the binding from each rank's own variables; this catches a layout it guessed
+    wrong (or a launcher that exported the wrong ``LOCAL_RANK``) before NCCL hangs or shares a GPU. One
+    ``all_gather_object`` of (host, GPU id) on the gloo ``group``.
+    """
+    own = (socket.gethostname(), gpu_id)
+    seen = [own]
+    if world_size > 1:
+        seen = [None] * world_size
+        tdist.all_gather_object(seen, own, group=group)
+    by_gpu: dict[tuple[str, str], list[int]] = {}
+    for other, key in enumerate(seen):
+        by_gpu.setdefault(tuple(key), []).append(other)
+    shared = {key: ranks for key, ranks in by_gpu.items() if len(ranks) > 1}
+    if shared:
+        listing = "; ".join(
+            f"ranks {ranks} on {host} all use GPU {gpu}" for (host, gpu), ranks in shared.items()
+        )
+        raise ConfigError(f"rank {rank}: {listing}. Each rank needs its own GPU; {_FIX}")

@@ -31,6 +31,7 @@ from r2d2_hpc.data.manifest import read_manifest
 from r2d2_hpc.train import checkpoint as ckpt
 from r2d2_hpc.train.comm import ddp_logging_fields, install_comm_timer
 from r2d2_hpc.train.data import BatchStats, build_datasets, build_train_loader, next_batch
+from r2d2_hpc.train.devices import check_distinct_gpus, gpu_uuid
 from r2d2_hpc.train.dist import (
     DistEnv,
     Heartbeat,
@@ -75,6 +76,8 @@ def train(cfg: RunConfig, env: DistEnv, stop: StopFlag | None = None) -> dict[st
     cpu_group = init_process_group(env, cfg.train.dist_timeout_s)
     heartbeat = Heartbeat(env) if env.world_size > 1 else None
     try:
+        if env.backend == "nccl":
+            check_distinct_gpus(env.rank, gpu_uuid(env.device), cpu_group, env.world_size)
         return _Trainer(cfg, env, stop or StopFlag(), heartbeat, cpu_group).run()
     except (RuntimeError, dist.DistBackendError) as exc:
         if env.world_size > 1 and _looks_distributed(exc):

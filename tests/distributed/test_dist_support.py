@@ -65,6 +65,14 @@ def _worker(rank: int, port: int, out_dir: Path) -> None:
     # each rank builds a different model: a count made on rank 1 would differ from rank 0's
     tiny = build_model("unet", 1, 2, 2, depth=1, base_width=4 * (rank + 1))
     result["flops"] = model_flops_on_rank0(tiny, (1, 16, 16), env, group)
+    from r2d2_hpc.errors import ConfigError
+    from r2d2_hpc.train.devices import check_distinct_gpus
+
+    check_distinct_gpus(rank, f"GPU-{rank}", group, 2)  # distinct: passes
+    try:
+        check_distinct_gpus(rank, "GPU-same", group, 2)  # two ranks of one host on one GPU
+    except ConfigError as exc:
+        result["same_gpu"] = str(exc)
     _seed(100 + rank)
     states = gather_rng_states(env, group)
     if rank == 0:
@@ -175,6 +183,15 @@ def test_flops_are_counted_on_rank_zero_and_shared(two_ranks: dict[str, Any]) ->
     assert expected != rank1_own
     counts = [json.loads((two_ranks["out_dir"] / f"rank{r}.flops.json").read_text()) for r in range(2)]
     assert counts == [expected, expected], two_ranks["logs"]
+
+
+@pytest.mark.distributed
+def test_two_ranks_on_one_gpu_fail_naming_them(two_ranks: dict[str, Any]) -> None:
+    message = two_ranks["rank0"].get("same_gpu", "")
+    assert message.startswith("rank 0: ranks [0, 1] on ") and "all use GPU GPU-same" in message, two_ranks[
+        "logs"
+    ]
+    assert "--gpus-per-task=1" in message
 
 
 @pytest.mark.distributed
