@@ -260,6 +260,7 @@ class TrainConfig:
     eval_every_steps: int = 50  # validation every N steps (and at the end); 0 = only at the end
     eval_batch: int = 8  # validation micro-batch per rank
     log_every_steps: int = 10  # a log line every N steps when no progress bar is shown
+    tensorboard: bool = False  # rank 0 writes TensorBoard events to <run_dir>/tensorboard (needs tensorboard)
     checkpoint_every_steps: int = 50  # a checkpoint every N steps (and at the end); 0 = only at the end
     dist_timeout_s: float = 300.0  # process-group timeout: a dead or stuck rank fails the others after this
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo

@@ -17,10 +17,12 @@ import hydra
 from omegaconf import DictConfig
 
 from r2d2_hpc.config import CONF_DIR, to_dataclass
+from r2d2_hpc.config import register_configs as register_launch_configs
 from r2d2_hpc.errors import R2D2Error
 from r2d2_hpc.inference.config import PredictConfig, register_configs
 
 register_configs()
+register_launch_configs()  # the launcher/ group, for launcher=local|slurm
 log = logging.getLogger("r2d2_hpc.predict")
 
 
@@ -43,6 +45,8 @@ def main(cfg: DictConfig) -> None:
     except R2D2Error as exc:
         log.error("%s", exc)
         sys.exit(2)
+    if predict_cfg.launcher:
+        sys.exit(_launched(predict_cfg))
     try:
         run = run_predict(predict_cfg)
     except R2D2Error as exc:
@@ -59,6 +63,20 @@ def main(cfg: DictConfig) -> None:
             print(f"  {failure['case_id']}: {failure['error']}", file=sys.stderr)
     if run.failures:
         sys.exit(1)
+
+
+def _launched(predict_cfg: PredictConfig) -> int:
+    """launcher=local|slurm: the prediction as a job (r2d2_hpc.launch.predict_job); exit 1 unless it completed."""
+    from r2d2_hpc.launch.predict_job import launch_predict
+
+    try:
+        study = launch_predict(predict_cfg)
+    except R2D2Error as exc:
+        log.error("%s", exc)
+        return 2
+    run = study.runs[0]
+    print(f"predict job {run.job_id}: {run.state}" + (f"\n{run.error}" if run.error else ""))
+    return 0 if run.state in ("COMPLETED", "SUBMITTED", "PENDING", "RUNNING") else 1
 
 
 if __name__ == "__main__":

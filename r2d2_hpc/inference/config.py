@@ -45,6 +45,10 @@ class PredictConfig:
     num_parts: int | None = None  # shares the cases are split into; None: the distributed world size
     surface_tolerance_mm: float = 1.0  # tolerance of the surface Dice (mm)
     progress: bool = True  # progress bar on the first part (only when attached to a terminal)
+    # --- a launched job (launcher=local|slurm): one task per part, followed with python -m r2d2_hpc.study ---
+    launcher: Any = None  # None: predict in this process | a launcher/ group config (conf/launcher/)
+    nodes: int = 1  # launcher=slurm: nodes of the job (parts: nodes x launcher.tasks_per_node or GPUs)
+    wait: bool = True  # launcher=slurm: wait for the job and print its end (false: submit and return)
 
     def __post_init__(self) -> None:
         example = "python -m r2d2_hpc.predict checkpoint=runs/x/checkpoints/last.pt input=scans/ out=pred/"

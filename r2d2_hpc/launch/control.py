@@ -1,6 +1,7 @@
 """Cancel and resume a study's runs (``python -m r2d2_hpc.study cancel|resume``).
 
-- cancel: Slurm jobs with one ``scancel`` call; local runs by interrupting their submitit controller (which stops
+- cancel: Slurm jobs with one ``scancel`` call (after ``scontrol update Requeue=0``: the SIGTERM it sends makes
+  the ranks checkpoint at a step boundary, and the job must not requeue itself); local runs by interrupting their submitit controller (which stops
   its ranks); every cancelled run is marked CANCELLED in ``study.json``. A local launcher still running the study
   sees the marks and starts none of the cancelled runs.
 - resume: every run that did not complete (FAILED, CANCELLED, TIMEOUT, PREEMPTED, LOST, never started) is started
@@ -42,6 +43,14 @@ def cancel(study: Study, names: list[str] | None = None) -> list[str]:
     else:
         ids = [run.job_id for run in targets if run.job_id]
         if ids:
+            # scancel sends SIGTERM, which our jobs take for a preemption (checkpoint, then requeue): switch the
+            # requeue off first, so the job checkpoints and ends for good
+            subprocess.run(
+                ["scontrol", "update", f"JobId={','.join(ids)}", "Requeue=0"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
             done = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
             if done.returncode != 0:
                 raise LaunchError(

@@ -94,3 +94,13 @@ def _loads(raw: bytes) -> dict[str, Any] | None:
 def _mean_foreground(dice: list[Any]) -> float | None:
     values = [float(d) for d in dice[1:] if isinstance(d, int | float)]
     return sum(values) / len(values) if values else None
+
+
+def predict_progress(out_dir: Path) -> RunProgress | None:
+    """A launched prediction's progress: masks written so far out of the cases in ``predict.json``."""
+    try:
+        total = int(json.loads((Path(out_dir) / "predict.json").read_text())["num_cases"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    written = sum(1 for p in Path(out_dir).glob("*.nii.gz") if not p.name.endswith(".tmp.nii.gz"))
+    return RunProgress(step=min(written, total), total=total)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from r2d2_hpc.launch.outcome import result_json_outcome, submitit_outcome
-from r2d2_hpc.launch.progress import RunProgress, run_progress
+from r2d2_hpc.launch.progress import RunProgress, predict_progress, run_progress
 from r2d2_hpc.launch.record import CONFIG_DIR, FINISHED, Study, StudyRun
 from r2d2_hpc.launch.scheduler import JobInfo, SlurmQueue
 
@@ -72,7 +72,10 @@ def study_status(study: Study, queue: SlurmQueue | None = None) -> list[RunStatu
 def _run_status(
     study: Study, run: StudyRun, launcher: str, infos: dict[str, JobInfo], queried: bool
 ) -> RunStatus:
-    prog = run_progress(study.dir / run.run_dir) or RunProgress()
+    if run.extra.get("kind") == "predict":  # cases written / total instead of steps
+        prog = predict_progress(study.dir / run.run_dir) or RunProgress()
+    else:
+        prog = run_progress(study.dir / run.run_dir) or RunProgress()
     state, reason, error = run.state, None, run.error
     node_list, elapsed = None, None
     if state not in FINISHED:

@@ -58,6 +58,7 @@ from r2d2_hpc.train.setup import (
 )
 from r2d2_hpc.train.steptimer import StepTimer, StepTimes, clock_for
 from r2d2_hpc.train.stop import StopAgreement, StopFlag
+from r2d2_hpc.train.tensorboard import TensorBoardLog
 from r2d2_hpc.train.timing import (
     Throughput,
     TimingLog,
@@ -169,7 +170,9 @@ class _Trainer:
         path = self.run_dir / "timing" / f"rank{self.env.rank}.jsonl"
         self.timing = TimingLog(path, header, append=resumed_at is not None)
         status = "completed"
+        self.tb = TensorBoardLog(None, False, False)  # off until the line below opens it
         try:
+            self.tb = TensorBoardLog(self.run_dir, self.tc.tensorboard, self.env.is_main, resumed_at)
             status = self._loop()
             if status == "completed" and self.evaluated_at != self.step:
                 self._evaluate()
@@ -177,6 +180,7 @@ class _Trainer:
             self.timing.end(self.step, status=status, weights_sha256=ckpt.weights_digest(self.model))
         finally:
             self.timing.close()
+            self.tb.close()
         result = run_result(
             status,
             self.run_dir.name,
@@ -243,6 +247,7 @@ class _Trainer:
                 t.step, t.epoch, t.data_wait_s, t.compute_s, t.step_s, samples, t.loss, t.lr, **parts
             )
             self.throughput.add(t.step, t.data_wait_s, t.step_s, samples)
+            self.tb.step(t.step, t.loss, t.lr, samples, t.data_wait_s, t.step_s)
             self.bar.update(t.step, t.loss, t.lr)
 
     def _train_step(self, batches: Iterator[dict[str, Any]], epoch: int) -> None:
@@ -321,6 +326,7 @@ class _Trainer:
         wall_s = time.monotonic() - self.t_start
         epoch, _ = self._position()
         self.timing.evaluation(self.step, epoch, dice, wall_s)
+        self.tb.evaluation(self.step, dice, self.train_ds.class_names)
         if self.env.is_main:
             mean_fg = mean_foreground_dice(dice)
             line = {
