@@ -4,16 +4,21 @@ Run by hand (the whole run takes a few minutes, ``--quick`` under one)::
 
     .venv/bin/python benchmarks/io.py [--quick] --out benchmarks/results/io.json
 
-It builds a small dataset (1-channel volumes, 160x192x128 by default), stores it as .nii.gz, .nii, .npy and as
-our HDF5 shards with every compression (2d and 3d layouts), then measures samples/s of 2D slices and 3D patches
-read from each, in this process and through a DataLoader with 2 workers; then the full training data path
-(SliceDataset with augmentation, 2 workers, batch 8) and the rate at which a small 2D U-Net trains on this CPU.
-Every figure, the shapes, the machine and the ratios the targets use go to the JSON file. See README.md.
+It builds a small dataset (1-channel volumes, 160x192x128 by default), stores it as .nii.gz, .nii, .npy, as
+our HDF5 shards with every compression (2d and 3d layouts) and, when installed, as blosc2 .b2nd and zarr v3
+(sharded) arrays (see io_peers.py; a missing one is skipped with the reason printed), then measures samples/s of
+2D slices and 3D patches read from each, in this process and through a DataLoader with 2 workers; shards both
+through the reader's decoded-chunk cache (``shard_<c>``) and with it off (``shard_<c>_cold``: every read
+decodes). Then the full training data path per worker (SliceDataset / PatchDataset with augmentation, in one
+process, and with 2 DataLoader workers), the workers per GPU that path needs at a published GPU consumption
+rate, and the rate at which a small 2D U-Net trains on this CPU. Every figure, the shapes, the machine and the
+ratios the targets use go to the JSON file. See README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -36,11 +41,16 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from r2d2_hpc.config import ShardConfig
 from r2d2_hpc.data.augment import AugmentConfig
-from r2d2_hpc.data.dataset import SliceDataset
+from r2d2_hpc.data.dataset import PatchDataset, SliceDataset
 from r2d2_hpc.data.manifest import write_manifest
 from r2d2_hpc.data.shards import ShardReader, ShardWriter
 from r2d2_hpc.data.synthetic import make_phantom
 from r2d2_hpc.data.types import MANIFEST_FORMAT, MANIFEST_VERSION, PreparedCase
+
+try:  # run as a script (python benchmarks/io.py) or as a module (python -m benchmarks.io)
+    import io_peers  # type: ignore[import-not-found]
+except ImportError:
+    from benchmarks import io_peers
 
 COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
 CLASSES = ["background", "tissue", "lesion"]
@@ -48,6 +58,13 @@ PATCH = (64, 64, 64)
 SLICE_AXIS = 2
 NUM_SPECS = 4096  # distinct random samples; a measurement cycles through them
 BATCH = 8
+COLD = ("none", "lz4")  # shard compressions also measured with the decoded-chunk cache off
+# Published consumption rates (NVIDIA DeepLearningExamples, nnU-Net for PyTorch, one A100 80GB, mixed precision):
+# 2D ~1,345 images/s (the figure issue 14 quotes); 3D 9.52 volumes/s of 128^3 patches at batch 4 (the README
+# table we read), i.e. ~76 patches/s of 64^3 if the cost scales with voxels. An H100 is taken as about 2x an A100.
+A100_2D_PER_S = 1345.0
+A100_3D_128_PER_S = 9.52
+H100_OVER_A100 = 2.0
 
 
 # --------------------------------------------------------------------------- data
@@ -77,6 +94,7 @@ def make_volumes(
 def write_formats(root: Path, volumes: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """Writes every format under ``root``; returns their paths and sizes on disk (bytes)."""
     affine = np.eye(4)
+    shape = volumes[0][1].shape
     paths: dict[str, Any] = {"nii.gz": [], "nii": [], "npy": [], "npy_slices": []}
     for i, (image, label) in enumerate(volumes):
         for ext in ("nii.gz", "nii"):
@@ -94,6 +112,25 @@ def write_formats(root: Path, volumes: list[tuple[np.ndarray, np.ndarray]]) -> d
         np.save(pair[1], np.ascontiguousarray(np.moveaxis(label, SLICE_AXIS, 0)))
         paths["npy_slices"].append(pair)
     sizes = {k: sum(p.stat().st_size for pair in v for p in pair) for k, v in paths.items()}
+    peers = io_peers.available()
+    for name, reason in peers.items():
+        if reason is not None:
+            print(f"  skipping {name}: {reason}", flush=True)
+    for layout_kind, chunk in (("2d", (1, shape[0], shape[1], 1)), ("3d", (1, 32, 32, 32))):
+        for name, write in (("b2nd", io_peers.write_b2nd), ("zarr", io_peers.write_zarr)):
+            if peers[name] is not None:
+                continue
+            pairs = []
+            for i, (image, label) in enumerate(volumes):
+                ext = "b2nd" if name == "b2nd" else "zarr"
+                pairs.append(
+                    (
+                        write(root / f"case{i}_img_{layout_kind}.{ext}", image, chunk),
+                        write(root / f"case{i}_lab_{layout_kind}.{ext}", label, chunk[1:]),
+                    )
+                )
+            paths[f"{name}_{layout_kind}"] = pairs
+            sizes[f"{name}_{layout_kind}"] = sum(io_peers.dir_bytes(p) for pair in pairs for p in pair)
     for layout_kind in ("2d", "3d"):
         for comp in COMPRESSIONS:
             out = root / f"shards_{layout_kind}_{comp}"
@@ -190,8 +227,10 @@ class NpyReader:
 
 
 class ShardCaseReader:
-    def __init__(self, shard_dir: Path) -> None:
-        self.reader = ShardReader(shard_dir)  # opens its files lazily, in the process that reads
+    def __init__(self, shard_dir: Path, chunk_cache_mib: float | None = None) -> None:
+        # opens its files lazily, in the process that reads; None keeps the reader's default cache
+        cache = {} if chunk_cache_mib is None else {"chunk_cache_mib": chunk_cache_mib}
+        self.reader = ShardReader(shard_dir, **cache)
         self.ids = sorted(self.reader.case_ids(), key=lambda c: int(c[4:]))
 
     def read(self, case: int, window: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +270,24 @@ def sample_specs(kind: str, num_cases: int, shape: tuple[int, ...], seed: int) -
     return specs
 
 
+def warm_chunk_cache(reader: ShardCaseReader, kind: str, num_cases: int, shape: tuple[int, ...]) -> None:
+    """Reads every voxel once through windows like the samples', so the decoded-chunk cache holds the data.
+
+    The counterpart of the warm page cache the memory maps read from: both then measure a read from memory.
+    """
+    for case in range(num_cases):
+        if kind == "2d":
+            windows = [(slice(None), slice(None), z) for z in range(shape[SLICE_AXIS])]
+        else:
+            grid = [range(0, n, p) for n, p in zip(shape, PATCH, strict=True)]
+            windows = [
+                tuple(slice(o, o + p) for o, p in zip(origin, PATCH, strict=True))
+                for origin in itertools.product(*grid)
+            ]
+        for window in windows:
+            reader.read(case, window)
+
+
 # --------------------------------------------------------------------------- timing
 def rate(
     dataset: Dataset, num_workers: int, seconds: float, batch_size: int = BATCH, shuffle: bool = False
@@ -243,12 +300,19 @@ def rate(
     """
     if num_workers == 0:
         dataset[0]
-        count, start = 0, time.perf_counter()
+        count, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while count < 2 or time.perf_counter() - start < seconds:
-            dataset[count + 1]
+            dataset[(count + 1) % len(dataset)]
             count += 1
-        elapsed = time.perf_counter() - start
-        return {"samples_per_s": count / elapsed, "samples": count, "seconds": round(elapsed, 3)}
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        # CPU time as well: on a machine shared with other work, wall time also counts the waits for a core
+        return {
+            "samples_per_s": count / elapsed,
+            "samples_per_cpu_s": count / max(cpu, 1e-9),
+            "samples": count,
+            "seconds": round(elapsed, 3),
+            "cpu_seconds": round(cpu, 3),
+        }
     sampler = RandomSampler(dataset, replacement=True, num_samples=10**7) if shuffle else None
     batches = iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, sampler=sampler))
     for _ in range(num_workers):
@@ -279,10 +343,24 @@ def measure_reads(formats: dict[str, Any], cfg: argparse.Namespace, shape: tuple
                 f"shard_{c}": (lambda c=c, k=kind: ShardCaseReader(formats["paths"][f"shard_{k}_{c}"]))
                 for c in COMPRESSIONS
             },
+            **{
+                f"shard_{c}_cold": (
+                    lambda c=c, k=kind: ShardCaseReader(formats["paths"][f"shard_{k}_{c}"], chunk_cache_mib=0)
+                )
+                for c in COLD
+            },
+            **{
+                name: (lambda name=name, k=kind: io_peers.PeerReader(name, formats["paths"][f"{name}_{k}"]))
+                for name in ("b2nd", "zarr")
+                if f"{name}_{kind}" in formats["paths"]
+            },
         }
         results[kind] = {}
         for name, build in readers.items():
-            dataset = ReadDataset(build(), specs)
+            reader = build()
+            if name.startswith("shard_") and not name.endswith("_cold"):
+                warm_chunk_cache(reader, kind, num_cases, shape)
+            dataset = ReadDataset(reader, specs)
             entry = {f"workers{w}": rate(dataset, w, cfg.seconds) for w in (0, 2)}
             results[kind][name] = entry
             print(
@@ -399,12 +477,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup_s = time.perf_counter() - t_start
         print(f"  done in {setup_s:.1f} s; reading", flush=True)
         reads = measure_reads(formats, cfg, shape)
-        full_ds = SliceDataset(formats["paths"]["shard_2d_lz4"], "train", augment=AugmentConfig())
-        full = rate(full_ds, 2, cfg.seconds * 1.5, shuffle=True)
-        full["sample_shape"] = list(full_ds[0]["image"].shape)
-        batch = next(iter(DataLoader(full_ds, batch_size=BATCH, shuffle=True)))
+        full_2d = SliceDataset(formats["paths"]["shard_2d_lz4"], "train", augment=AugmentConfig())
+        full_3d = PatchDataset(formats["paths"]["shard_3d_lz4"], "train", PATCH, augment=AugmentConfig())
+        full = {"2d": full_path(full_2d, cfg.seconds * 1.5), "3d": full_path(full_3d, cfg.seconds * 1.5)}
+        batch = next(iter(DataLoader(full_2d, batch_size=BATCH, shuffle=True)))
         unet = unet_rate(batch, cfg.seconds * 1.5)
-        print(f"  full path {full['samples_per_s']:.1f}/s, U-Net {unet['samples_per_s']:.1f}/s", flush=True)
+        print(
+            f"  full path per worker: 2D {full['2d']['per_worker_samples_per_s']:.1f}/s, "
+            f"3D {full['3d']['per_worker_samples_per_s']:.1f}/s; U-Net {unet['samples_per_s']:.1f}/s",
+            flush=True,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
@@ -419,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "numpy": np.__version__,
             "h5py": h5py.__version__,
             "hdf5plugin": hdf5plugin.version,
+            **io_peers.versions(),
+            "shared_with_other_work": "yes: ~7 other sessions ran tests and builds on these 2 cores",
             "torch_threads": torch.get_num_threads(),
         },
         "setup": {
@@ -435,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bytes_on_disk": formats["bytes"],
         "reads": reads,
         "full_path": full,
+        "workers_per_gpu": workers_per_gpu(full),
         "unet_train": unet,
         "ratios": ratios(reads, full, unet),
         "total_s": round(time.perf_counter() - t_start, 1),
@@ -446,6 +531,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def full_path(dataset: Dataset, seconds: float) -> dict[str, Any]:
+    """The training data path (shards, crop/patch draw, augmentation, padding) per worker and with 2 workers.
+
+    ``per_worker_samples_per_s`` is the rate of one process doing a worker's whole job (no hand-over to a
+    main process): what one DataLoader worker delivers when it has a core to itself.
+    """
+    one = rate(dataset, 0, seconds)
+    two = rate(dataset, 2, seconds, shuffle=True)
+    return {
+        "per_worker_samples_per_s": one["samples_per_s"],
+        "workers0": one,
+        "workers2": two,
+        "sample_shape": list(dataset[0]["image"].shape),
+    }
+
+
+def workers_per_gpu(full: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader workers one GPU needs to be fed by this path, at the published consumption rates."""
+    need = {
+        "2d": A100_2D_PER_S * H100_OVER_A100,
+        "3d": A100_3D_128_PER_S * (128 / PATCH[0]) ** 3 * H100_OVER_A100,
+    }
+    out: dict[str, Any] = {
+        "source": "published A100 figures (NVIDIA DeepLearningExamples nnU-Net, mixed precision) x 2 for an "
+        "H100; no GPU was measured. 3D: 128^3-patch volumes/s scaled to 64^3 patches by voxel count.",
+        "a100_2d_images_per_s": A100_2D_PER_S,
+        "a100_3d_128cube_per_s": A100_3D_128_PER_S,
+        "h100_over_a100": H100_OVER_A100,
+    }
+    for kind, rate_needed in need.items():
+        per_worker = full[kind]["per_worker_samples_per_s"]
+        out[kind] = {
+            "h100_samples_per_s": round(rate_needed, 1),
+            "per_worker_samples_per_s": round(per_worker, 1),
+            "workers": int(np.ceil(rate_needed / per_worker)),
+        }
+    return out
+
+
 def ratios(reads: dict[str, Any], full: dict[str, Any], unet: dict[str, Any]) -> dict[str, Any]:
     """The figures the targets are set on (single-process reads: pure per-sample cost)."""
     out: dict[str, Any] = {}
@@ -454,7 +578,13 @@ def ratios(reads: dict[str, Any], full: dict[str, Any], unet: dict[str, Any]) ->
         best_fast = max(r["shard_lz4"], r["shard_none"])
         out[f"{kind}_shard_lz4_over_niigz"] = round(r["shard_lz4"] / r["nii.gz"], 1)
         out[f"{kind}_npy_over_best_of_shard_lz4_none"] = round(r["npy_mmap"] / best_fast, 2)
-    out["full_path_over_unet"] = round(full["samples_per_s"] / unet["samples_per_s"], 1)
+        best_cold = max(r[f"shard_{c}_cold"] for c in COLD)
+        out[f"{kind}_npy_over_best_of_shard_lz4_none_cold"] = round(r["npy_mmap"] / best_cold, 2)
+        cpu = {name: v["workers0"]["samples_per_cpu_s"] for name, v in reads[kind].items()}
+        out[f"{kind}_npy_over_best_of_shard_lz4_none_cpu"] = round(
+            cpu["npy_mmap"] / max(cpu["shard_lz4"], cpu["shard_none"]), 2
+        )
+    out["full_path_over_unet"] = round(full["2d"]["workers2"]["samples_per_s"] / unet["samples_per_s"], 1)
     out["targets"] = {
         "shard_over_niigz": ">= 100",
         "npy_over_shard": "<= 1.5",

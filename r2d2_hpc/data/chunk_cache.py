@@ -31,8 +31,9 @@ def plain_window(index: tuple, shape: tuple[int, ...]) -> tuple[Window, tuple[in
     if len(index) > len(shape):
         return None
     window, squeeze = [], []
-    for axis, (item, extent) in enumerate(itertools.zip_longest(index, shape, fillvalue=slice(None))):
-        if isinstance(item, slice):
+    for axis, extent in enumerate(shape):
+        item = index[axis] if axis < len(index) else _ALL
+        if item.__class__ is slice:
             start, stop, step = item.indices(extent)
             if step != 1 or stop <= start:
                 return None
@@ -46,6 +47,9 @@ def plain_window(index: tuple, shape: tuple[int, ...]) -> tuple[Window, tuple[in
         else:
             return None
     return tuple(window), tuple(squeeze)
+
+
+_ALL = slice(None)
 
 
 class ChunkCache:
@@ -62,13 +66,20 @@ class ChunkCache:
         return len(self._chunks)
 
     def get(self, key: Hashable, decode: Callable[[], np.ndarray]) -> np.ndarray:
+        """The chunk under ``key``; ``decode()`` makes it on a miss (and it is kept if it fits)."""
+        chunk = self.lookup(key)
+        return chunk if chunk is not None else self.put(key, decode())
+
+    def lookup(self, key: Hashable) -> np.ndarray | None:
         chunk = self._chunks.get(key)
-        if chunk is not None:
-            self._chunks.move_to_end(key)
-            self.hits += 1
-            return chunk
-        self.misses += 1
-        chunk = decode()
+        if chunk is None:
+            self.misses += 1
+            return None
+        self._chunks.move_to_end(key)
+        self.hits += 1
+        return chunk
+
+    def put(self, key: Hashable, chunk: np.ndarray) -> np.ndarray:
         if chunk.nbytes <= self.max_bytes:
             self._chunks[key] = chunk
             self.nbytes += chunk.nbytes
@@ -97,25 +108,31 @@ def read_window(
     ``decode(chunk_box)`` reads one whole chunk (clipped at the array's edge) from the file; ``key`` names the
     array, so that ``(key, chunk origin)`` names a chunk in ``cache``.
     """
-    ranges = [
-        range(lo // c * c, hi, c) for (lo, hi), c in zip(window, chunks, strict=True)
-    ]  # chunk origins per axis
-    out: np.ndarray | None = None
-    for origin in itertools.product(*ranges):
-        box = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, chunks, shape, strict=True))
-        chunk = cache.get((key, origin), lambda box=box: decode(box))
-        src = tuple(
-            slice(max(lo, o) - o, min(hi, b.stop) - o)
-            for (lo, hi), o, b in zip(window, origin, box, strict=True)
-        )
-        if out is None and all(len(r) == 1 for r in ranges):
-            return np.squeeze(chunk[src], axis=squeeze).copy() if squeeze else chunk[src].copy()
-        if out is None:
-            out = np.empty(tuple(hi - lo for lo, hi in window), dtype=dtype)
-        dst = tuple(
-            slice(max(lo, o) - lo, min(hi, b.stop) - lo)
-            for (lo, hi), o, b in zip(window, origin, box, strict=True)
-        )
-        out[dst] = chunk[src]
-    assert out is not None
+    origin = tuple(lo // c * c for (lo, _), c in zip(window, chunks, strict=True))
+    if all(
+        hi <= o + c for (_, hi), o, c in zip(window, origin, chunks, strict=True)
+    ):  # one chunk: most reads
+        chunk = cache.lookup((key, origin))
+        if chunk is None:
+            box = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, chunks, shape, strict=True))
+            chunk = cache.put((key, origin), decode(box))
+        part = chunk[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(window, origin, strict=True))]
+        return (np.squeeze(part, axis=squeeze) if squeeze else part).copy()
+    # per axis, for every chunk the window overlaps: its origin, its box, the part of it and of the output
+    origins, boxes, parts, places = [], [], [], []
+    for (lo, hi), c, n in zip(window, chunks, shape, strict=True):
+        starts = range(lo // c * c, hi, c)
+        origins.append(starts)
+        boxes.append([slice(o, min(o + c, n)) for o in starts])
+        parts.append([slice(max(lo, o) - o, min(hi, o + c, n) - o) for o in starts])
+        places.append([slice(max(lo, o) - lo, min(hi, o + c, n) - lo) for o in starts])
+    out = np.empty(tuple(hi - lo for lo, hi in window), dtype=dtype)
+    product = itertools.product
+    for origin, box, part, place in zip(
+        product(*origins), product(*boxes), product(*parts), product(*places), strict=True
+    ):
+        chunk = cache.lookup((key, origin))
+        if chunk is None:
+            chunk = cache.put((key, origin), decode(box))
+        out[place] = chunk[part]
     return np.squeeze(out, axis=squeeze) if squeeze else out

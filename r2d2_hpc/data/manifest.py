@@ -245,6 +245,7 @@ class ShardReader:
         self._files: dict[str, h5py.File] = {}
         self._datasets: OrderedDict[tuple[str, str], h5py.Dataset] = OrderedDict()
         self.chunk_cache = ChunkCache(int(self.chunk_cache_mib * 2**20))
+        self._layouts: dict[tuple[str, str], tuple] = {}  # (case, dataset) -> (shape, chunks, dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -321,24 +322,29 @@ class ShardReader:
 
     def _read(self, case_id: str, name: str, index: tuple) -> np.ndarray:
         shard = self._entry(case_id)["shard"]
-        path = self.shard_dir / shard
         index = index if isinstance(index, tuple) else (index,)
         try:
-            ds = self._dataset(case_id, name, shard)
-            plain = plain_window(index, ds.shape) if index and self.chunk_cache.max_bytes else None
-            if plain is None or ds.chunks is None:
-                return ds[index]
+            layout = self._layouts.get((case_id, name))
+            if layout is None:
+                ds = self._dataset(case_id, name, shard)
+                layout = self._layouts[(case_id, name)] = (ds.shape, ds.chunks, ds.dtype)
+            shape, chunks, dtype = layout
+            plain = plain_window(index, shape) if index and chunks and self.chunk_cache.max_bytes else None
+            if plain is None:
+                return self._dataset(case_id, name, shard)[index]
+            # a read served from the cache touches no h5py object (each costs several µs)
             return read_window(
                 (shard, case_id, name),
-                ds.shape,
-                ds.chunks,
-                ds.dtype,
+                shape,
+                chunks,
+                dtype,
                 *plain,
                 self.chunk_cache,
-                ds.__getitem__,
+                lambda box: self._dataset(case_id, name, shard)[box],
             )
         except (OSError, KeyError, RuntimeError) as exc:
             self._datasets.pop((case_id, name), None)
+            path = self.shard_dir / shard
             if not path.is_file():
                 raise ShardError(
                     problem(
