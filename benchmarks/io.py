@@ -483,8 +483,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch = next(iter(DataLoader(full_2d, batch_size=BATCH, shuffle=True)))
         unet = unet_rate(batch, cfg.seconds * 1.5)
         print(
-            f"  full path per worker: 2D {full['2d']['per_worker_samples_per_s']:.1f}/s, "
-            f"3D {full['3d']['per_worker_samples_per_s']:.1f}/s; U-Net {unet['samples_per_s']:.1f}/s",
+            f"  full path per worker: 2D {full['2d']['per_worker_samples_per_s']:.1f}/CPU-s, "
+            f"3D {full['3d']['per_worker_samples_per_s']:.1f}/CPU-s; U-Net {unet['samples_per_s']:.1f}/s",
             flush=True,
         )
     finally:
@@ -535,12 +535,13 @@ def full_path(dataset: Dataset, seconds: float) -> dict[str, Any]:
     """The training data path (shards, crop/patch draw, augmentation, padding) per worker and with 2 workers.
 
     ``per_worker_samples_per_s`` is the rate of one process doing a worker's whole job (no hand-over to a
-    main process): what one DataLoader worker delivers when it has a core to itself.
+    main process) per second of its CPU time: what one DataLoader worker delivers when it has a core to
+    itself. On a machine shared with other work the wall-clock rate (``workers0.samples_per_s``) is lower.
     """
     one = rate(dataset, 0, seconds)
     two = rate(dataset, 2, seconds, shuffle=True)
     return {
-        "per_worker_samples_per_s": one["samples_per_s"],
+        "per_worker_samples_per_s": one["samples_per_cpu_s"],
         "workers0": one,
         "workers2": two,
         "sample_shape": list(dataset[0]["image"].shape),
@@ -562,10 +563,13 @@ def workers_per_gpu(full: dict[str, Any]) -> dict[str, Any]:
     }
     for kind, rate_needed in need.items():
         per_worker = full[kind]["per_worker_samples_per_s"]
+        wall = full[kind]["workers0"]["samples_per_s"]
         out[kind] = {
             "h100_samples_per_s": round(rate_needed, 1),
             "per_worker_samples_per_s": round(per_worker, 1),
             "workers": int(np.ceil(rate_needed / per_worker)),
+            "per_worker_samples_per_s_wall": round(wall, 1),
+            "workers_at_wall_rate": int(np.ceil(rate_needed / wall)),
         }
     return out
 
