@@ -234,7 +234,9 @@ def test_read_manifest_errors_name_the_fix(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": MANIFEST_FORMAT, "format_version": 99}))
     with pytest.raises(ShardError, match=r"format_version 99.*\(1\).*upgrade r2d2_hpc"):
         read_manifest(tmp_path)
-    with pytest.raises(ShardError, match=r"no manifest\.json"):
+    with pytest.raises(
+        ShardError, match=r"elsewhere: does not exist: the data is not prepared.*r2d2_hpc\.prepare"
+    ):
         ShardReader(tmp_path / "elsewhere")
 
 
