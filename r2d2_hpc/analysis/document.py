@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from r2d2_hpc.analysis.checks import environment_summary
+from r2d2_hpc.analysis.model import MIN_SCALES
 from r2d2_hpc.analysis.options import DEFAULT_TARGET_FRACTION, DEFAULT_WARMUP_STEPS
+from r2d2_hpc.analysis.plots import MIN_REPEATS_FOR_SPREAD
 from r2d2_hpc.analysis.render import Document, fmt
 
 if TYPE_CHECKING:
@@ -26,9 +29,12 @@ DEFINITIONS = [
     "baseline's median) and a bootstrap 95% interval of the ratio of medians when both scales have 2+ repeats.",
     "Karp-Flatt serial fraction e = (1/S - 1/p) / (1 - 1/p), p = N / N0; it is defined for a fixed problem "
     "size, so under weak scaling read it as a trend only.",
-    "Step-time model: T(N) = c * b(N) + 2 (N-1)/N * B / bandwidth + 2 (N-1) * latency (ring all-reduce of B "
-    "gradient bytes, no overlap assumed, so the bandwidth is an effective one), fitted by non-negative least "
-    "squares to every run's mean step time. Dashed lines and hollow points are this model, not measurements.",
+    "Step-time model: T(N) = c * b(N) + t0 + 2 (N-1)/N * B / bandwidth + 2 (N-1) * latency (compute that "
+    "divides by N, a constant per-step cost, a ring all-reduce of B gradient bytes; DDP overlaps it with the "
+    "backward pass, so the bandwidth is an effective one), fitted by non-negative least squares to every run's "
+    "mean step time, only with 3+ scales. The form (which terms) is chosen by leave-one-out error, as Extra-P "
+    "does; the 95% prediction interval is the residuals' t interval, widened to at least the largest "
+    "leave-one-out relative error. Dashed lines and hollow points are this model, not measurements.",
     "Time to target: wall-clock time from the start of the run (all segments of a resumed run) to the first "
     "evaluation whose mean foreground Dice reaches the target. Cost: Slurm elapsed time x GPUs (else CPUs) when "
     "slurm.json is present, else logged run time x ranks.",
@@ -43,6 +49,7 @@ def build_document(report: Report) -> Document:
     _scaling(doc, report)
     _model(doc, report)
     _breakdown(doc, report)
+    _trust(doc, report)
     _quality(doc, report)
     _references(doc, report)
     doc.heading("Per run")
@@ -125,45 +132,126 @@ def _scaling(doc: Document, report: Report) -> None:
         }
     )
     doc.table(shown, note="scaling.csv holds these columns and more.")
-    doc.figure("speedup", "Speedup against ranks; error bars: min-max over repeats; dotted: ideal")
-    doc.figure("efficiency", "Scaling efficiency; dashed: fitted model; hollow: projection")
-    doc.figure("throughput", "Throughput in samples/s; error bars: min-max over repeats")
+    spread = _spread_caption(table)
+    modelled = (
+        "; dashed: fitted model; hollow: projection with its 95% prediction interval"
+        if len(report.curves)
+        else "; no model drawn (fewer than 3 scales)"
+    )
+    doc.figure("speedup", f"Speedup against ranks; {spread}; dotted: ideal{modelled}")
+    doc.figure("efficiency", f"Scaling efficiency; {spread}{modelled}")
+    doc.figure("throughput", f"Throughput in samples/s; {spread}")
+
+
+def _spread_caption(table: pd.DataFrame) -> str:
+    """What the bars are, honestly: min-max over 3+ repeats, or none."""
+    enough = table["repeats"] >= MIN_REPEATS_FOR_SPREAD
+    if enough.all():
+        return "error bars: min-max over repeats"
+    if enough.any():
+        return f"error bars: min-max over repeats, only at points with {MIN_REPEATS_FOR_SPREAD}+ repeats"
+    return f"no error bars (fewer than {MIN_REPEATS_FOR_SPREAD} repeats per point: single measurements)"
 
 
 def _model(doc: Document, report: Report) -> None:
     doc.heading("Step-time model and projections")
     if report.fits.empty:
-        doc.paragraph("No series has two or more scales with known gradient size: no model fitted.")
+        doc.paragraph(
+            f"No projection: no series has {MIN_SCALES} or more scales with known gradient size (with two, any "
+            "two-term law fits exactly, so its projection would say nothing). Nothing is drawn."
+        )
         return
-    doc.paragraph("T(N) = c * b(N) + 2 (N-1)/N * B / bandwidth + 2 (N-1) * latency, fitted per series.")
-    doc.table(report.fits)
+    doc.paragraph(
+        "T(N) = c * b(N) + t0 + 2 (N-1)/N * B / bandwidth + 2 (N-1) * latency; per series the form (which terms) "
+        "is the one with the smallest leave-one-out error (one scale left out at a time, its median predicted)."
+    )
+    doc.table(report.fits.drop(columns=["candidates"]))
+    doc.items(
+        [
+            f"{r.series}: candidate forms and their leave-one-out errors: {r.candidates}"
+            for r in report.fits.itertuples()
+        ]
+    )
     proj = report.curves[report.curves["kind"] == "projection"]
     if len(proj):
-        doc.paragraph("PROJECTIONS (model, not measured) at 2x and 4x the largest measured world size:")
-        cols = [
-            "series",
-            "world_size",
-            "batch_per_rank",
-            "step_s",
-            "comm_s",
-            "throughput",
-            "speedup",
-            "efficiency",
-        ]
-        doc.table(proj[cols].rename(columns={"world_size": "N (projected)"}))
+        doc.paragraph(
+            "PROJECTIONS (model, not measured) at 2x and 4x the largest measured world size, with the 95% "
+            "prediction interval of the step time:"
+        )
+        shown = pd.DataFrame(
+            {
+                "series": proj["series"],
+                "N (projected)": proj["world_size"],
+                "form": proj["form"],
+                "step s": proj["step_s"],
+                "step s 95% PI": _range(proj["step_s_low"], proj["step_s_high"]),
+                "speedup": proj["speedup"],
+                "speedup 95% PI": _range(proj["speedup_low"], proj["speedup_high"]),
+                "efficiency": proj["efficiency"],
+            }
+        )
+        doc.table(shown)
 
 
 def _breakdown(doc: Document, report: Report) -> None:
-    doc.heading("Time breakdown")
+    doc.heading("Time breakdown (measured)")
     if report.breakdown.empty:
         doc.paragraph("No measured steps.")
         return
     doc.table(report.breakdown)
+    b = report.breakdown
+    unmeasured = b[~b["measured_comm"].astype(bool)]
     doc.paragraph(
-        "compute_s includes the all-reduce, which DDP overlaps with the backward pass; where a model was fitted "
-        "its communication estimate is shown apart (comm_model_s) and taken out of compute_s."
+        "Every part is measured on the ranks and they add up to the step time: data wait (the batch was not "
+        "ready), compute (forward, backward, optimizer), exposed communication (all-reduce time after the last "
+        "gradient bucket was ready, which the backward pass did not hide; comm_s is all the time an all-reduce "
+        "was in flight) and other (step bookkeeping). The step-time model is not used here."
+        + (
+            f" {len(unmeasured)} point(s) come from logs without communication measurements: their "
+            "communication is inside compute and other is the residual."
+            if len(unmeasured)
+            else ""
+        )
     )
-    doc.figure("breakdown", "Seconds per step: data wait, compute, modelled communication, other")
+    doc.figure(
+        "breakdown",
+        f"Seconds per step, measured: data wait, compute, exposed communication, other; {_spread_caption(b)}",
+    )
+
+
+def _trust(doc: Document, report: Report) -> None:
+    doc.heading("Honesty checks")
+    if report.checks:
+        doc.paragraph(f"{len(report.checks)} reason(s) to read the timings with care:")
+        doc.items(report.checks)
+    else:
+        doc.paragraph(
+            "None found: no oversubscribed CPUs, no overlapping runs on a host, no busy machine (load average, "
+            f"CPU steal), {MIN_REPEATS_FOR_SPREAD}+ repeats everywhere, no speedup below 1."
+        )
+    doc.heading("Environment")
+    doc.items(environment_summary(report.environment))
+    if report.environment["commit"].nunique() > 1 if len(report.environment) else False:
+        doc.paragraph("Runs come from different commits: per run in environment.csv.")
+    doc.heading("Utilisation")
+    if report.utilisation.empty:
+        doc.paragraph("No run logged its FLOPs per sample: no FLOP/s or MFU.")
+    else:
+        doc.table(report.utilisation.drop(columns=["series"]), MAX_RUN_ROWS)
+        doc.paragraph(
+            "Achieved FLOP/s per device = 3 x forward FLOPs per sample x samples/s / ranks (forward plus a "
+            "backward of about twice the forward); MFU = that / the device peak (a GPU's data-sheet dense peak, "
+            "or on a CPU the fp32 matmul rate the rank measured at start-up)."
+        )
+    doc.heading("Stragglers")
+    if report.stragglers.empty:
+        doc.paragraph("No multi-rank run: no stragglers to look for.")
+    else:
+        doc.table(report.stragglers, MAX_RUN_ROWS)
+        doc.paragraph(
+            "spread = slowest rank's median step time / fastest rank's - 1. DDP makes ranks wait for each other, "
+            "so the step times agree closely; a large spread points at the slowest rank's host."
+        )
 
 
 def _quality(doc: Document, report: Report) -> None:

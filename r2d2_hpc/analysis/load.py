@@ -41,8 +41,8 @@ class RunRef:
 class RunLog:
     """One run: its files, and its steps merged over ranks (one row per step).
 
-    ``steps`` columns: step, epoch, segment (0, then +1 per resume), step_s / data_wait_s / compute_s (mean over
-    ranks), step_s_max and data_wait_s_max (slowest rank), samples, loss (mean over ranks), lr, time (rank 0),
+    ``steps`` columns: step, epoch, segment (0, then +1 per resume), step_s / data_wait_s / compute_s /
+    exposed_comm_s / comm_s / other_s (mean over ranks; the last three NaN in logs that predate them), step_s_max and data_wait_s_max (slowest rank), samples, loss (mean over ranks), lr, time (rank 0),
     num_ranks. ``ranks``: one row per rank log (rank, host, steps, median step time, data-wait share, truncated).
     """
 
@@ -61,6 +61,7 @@ class RunLog:
     segment_times: dict[int, tuple[float, float]] = field(
         default_factory=dict
     )  # (first step start, last line)
+    rank_headers: list[dict[str, Any]] = field(default_factory=list)  # the first header of every rank log
 
     @property
     def header(self) -> dict[str, Any]:
@@ -196,6 +197,7 @@ def load_run(ref: RunRef) -> RunLog:
     if logs:
         first = logs[min(logs)]
         run.headers = first.headers
+        run.rank_headers = [log.headers[0] for log in logs.values() if log.headers]
         run.evals = first.evals
         run.end = first.ends[-1] if first.ends else None
         run.segment_times = first.segment_times
@@ -251,6 +253,9 @@ def _merge_ranks(logs: dict[int, RankLog]) -> pd.DataFrame:
         data_wait_s=("data_wait_s", "mean"),
         data_wait_s_max=("data_wait_s", "max"),
         compute_s=("compute_s", "mean"),
+        exposed_comm_s=("exposed_comm_s", "mean"),
+        comm_s=("comm_s", "mean"),
+        other_s=("other_s", "mean"),
         samples=("samples", "max"),
         loss=("loss", "mean"),
         lr=("lr", "first"),
@@ -279,6 +284,9 @@ def _merge_aligned(tables: list[pd.DataFrame]) -> pd.DataFrame:
             "data_wait_s": wait_s.mean(axis=0),
             "data_wait_s_max": wait_s.max(axis=0),
             "compute_s": stack("compute_s").mean(axis=0),
+            "exposed_comm_s": stack("exposed_comm_s").mean(axis=0),
+            "comm_s": stack("comm_s").mean(axis=0),
+            "other_s": stack("other_s").mean(axis=0),
             "samples": lead["samples"].to_numpy(),
             "loss": mean_loss,
             "lr": lead["lr"].to_numpy(),

@@ -16,12 +16,14 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from r2d2_hpc.analysis.reference import reference_label
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 REF_MARKERS = ("s", "D", "^", "v", "P", "X", "*", "h")
-DPI = 100
+DPI = 200
+MIN_REPEATS_FOR_SPREAD = 3
 
 
 def new_figure(width_in: float = 7.0, height_in: float = 4.5, ncols: int = 1) -> tuple[Figure, list[Axes]]:
@@ -32,10 +34,21 @@ def new_figure(width_in: float = 7.0, height_in: float = 4.5, ncols: int = 1) ->
 
 
 def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG."""
+    """The figure as PNG at :data:`DPI` dots per inch."""
+    return figure_bytes(fig, "png")
+
+
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """The figure as ``png`` (at :data:`DPI`), ``svg`` or ``pdf``."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format=fmt, dpi=DPI)
     return buf.getvalue()
+
+
+def _plain_log_y(ax: Axes) -> None:
+    """Tick labels on a log y axis as plain numbers (``4``, ``0.5``), never ``4 x 10^0``."""
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _color(series: list[str], name: str) -> str:
@@ -50,9 +63,12 @@ def _log2_x(ax: Axes, values: list[float]) -> None:
 
 
 def _measured(ax: Axes, scaling: pd.DataFrame, column: str, series: list[str]) -> None:
+    """Measured medians; min-max bars only where a point has at least :data:`MIN_REPEATS_FOR_SPREAD` repeats."""
     for name, points in scaling.groupby("series", sort=True):
         y = points[column].to_numpy()
         err = np.vstack([y - points[f"{column}_min"].to_numpy(), points[f"{column}_max"].to_numpy() - y])
+        if "repeats" in points:
+            err = err * (points["repeats"].to_numpy() >= MIN_REPEATS_FOR_SPREAD)
         ax.errorbar(
             points["world_size"],
             y,
@@ -71,6 +87,19 @@ def _modelled(ax: Axes, curves: pd.DataFrame, column: str, series: list[str]) ->
         color = _color(series, name)
         ax.plot(curve["world_size"], curve[column], "--", color=color, linewidth=1, label=f"{name} (model)")
         proj = curve[curve["kind"] == "projection"]
+        if f"{column}_low" in proj and len(proj):
+            low, high = proj[f"{column}_low"].to_numpy(float), proj[f"{column}_high"].to_numpy(float)
+            y = proj[column].to_numpy(float)
+            ax.errorbar(
+                proj["world_size"],
+                y,
+                yerr=np.clip(np.vstack([y - low, np.nan_to_num(high - y, posinf=0.0)]), 0, None),
+                fmt="none",
+                ecolor=color,
+                elinewidth=1,
+                capsize=4,
+                label=f"{name} (95% prediction interval)",
+            )
         ax.plot(
             proj["world_size"],
             proj[column],
@@ -153,6 +182,7 @@ def plot_speedup(
         ax.plot(grid, grid / ws0, "k:", linewidth=1, label=f"ideal (N / {ws0})")
     _log2_x(ax, xs)
     ax.set_yscale("log", base=2)
+    _plain_log_y(ax)
     ax.set(xlabel="ranks (world size N)", ylabel="speedup S(N) = X(N) / X(N0)", title="Speedup")
     ax.legend(fontsize=7)
     return fig
@@ -184,13 +214,15 @@ def plot_throughput(scaling: pd.DataFrame) -> Figure | None:
     _measured(ax, scaling, "throughput", series)
     _log2_x(ax, list(scaling["world_size"]))
     ax.set_yscale("log")
+    _plain_log_y(ax)
     ax.set(xlabel="ranks (world size N)", ylabel="throughput X(N) [samples/s]", title="Throughput")
     ax.legend(fontsize=7)
     return fig
 
 
 def plot_breakdown(breakdown: pd.DataFrame) -> Figure | None:
-    """Stacked seconds per step (data wait, compute, modelled communication, other) per series and scale."""
+    """Stacked seconds per step as measured (data wait, compute, exposed communication, other) per series and
+    scale; min-max bars only with 3+ repeats."""
     if breakdown.empty:
         return None
     table = breakdown.sort_values(["series", "world_size"]).reset_index(drop=True)
@@ -200,13 +232,13 @@ def plot_breakdown(breakdown: pd.DataFrame) -> Figure | None:
     bottom = np.zeros(len(table))
     parts = (
         ("data_wait_s", "data wait", "#ff7f0e", None),
-        ("compute_s", "compute (excl. modelled communication)", "#1f77b4", None),
-        ("comm_model_s", "communication (model estimate)", "#9ecae1", "//"),
-        ("other_s", "other (logging, sync)", "#bbbbbb", None),
+        ("compute_s", "compute", "#1f77b4", None),
+        ("exposed_comm_s", "exposed communication (measured)", "#9ecae1", "//"),
+        ("other_s", "other (step bookkeeping)", "#bbbbbb", None),
     )
     for column, label, color, hatch in parts:
         values = np.nan_to_num(table[column].to_numpy(float))
-        if column == "comm_model_s" and not values.any():
+        if column == "exposed_comm_s" and not values.any():
             continue
         ax.bar(x, values, bottom=bottom, color=color, hatch=hatch, label=label, edgecolor="white")
         bottom += values
@@ -214,9 +246,17 @@ def plot_breakdown(breakdown: pd.DataFrame) -> Figure | None:
     spread = np.vstack(
         [step_s - table["step_s_min"].to_numpy(float), table["step_s_max"].to_numpy(float) - step_s]
     )
-    ax.errorbar(
-        x, step_s, yerr=np.clip(spread, 0, None), fmt="none", ecolor="k", capsize=3, label="min-max step time"
-    )
+    if "repeats" in table and (table["repeats"] >= MIN_REPEATS_FOR_SPREAD).any():
+        spread = spread * (table["repeats"].to_numpy() >= MIN_REPEATS_FOR_SPREAD)
+        ax.errorbar(
+            x,
+            step_s,
+            yerr=np.clip(spread, 0, None),
+            fmt="none",
+            ecolor="k",
+            capsize=3,
+            label="min-max step time",
+        )
     ax.set_xticks(x, labels, fontsize=7, rotation=30 if len(table) > 6 else 0)
     ax.set(ylabel="seconds per step (median over repeats)", title="Where a step's time goes")
     ax.legend(fontsize=7)

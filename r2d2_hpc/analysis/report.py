@@ -18,6 +18,7 @@ import pandas as pd
 
 from r2d2_hpc.analysis import plots
 from r2d2_hpc.analysis import runs as run_metrics
+from r2d2_hpc.analysis.checks import environment_table, honesty_checks, straggler_table, utilisation_table
 from r2d2_hpc.analysis.convergence import convergence_table
 from r2d2_hpc.analysis.document import build_document
 from r2d2_hpc.analysis.jsonl import LogError
@@ -37,7 +38,21 @@ from r2d2_hpc.analysis.scaling import (
 from r2d2_hpc.errors import problem
 
 log = logging.getLogger(__name__)
-TABLES = ("runs", "scaling", "fits", "curves", "breakdown", "quality", "convergence", "dice", "ranks")
+TABLES = (
+    "runs",
+    "scaling",
+    "fits",
+    "curves",
+    "breakdown",
+    "quality",
+    "convergence",
+    "dice",
+    "ranks",
+    "environment",
+    "utilisation",
+    "stragglers",
+)
+FIGURE_FORMATS = ("svg", "pdf")  # written beside every PNG
 
 
 @dataclass
@@ -66,9 +81,14 @@ class Report:
     ranks: pd.DataFrame
     loss: pd.DataFrame
     convergence: pd.DataFrame = field(default_factory=pd.DataFrame)
+    environment: pd.DataFrame = field(default_factory=pd.DataFrame)
+    utilisation: pd.DataFrame = field(default_factory=pd.DataFrame)
+    stragglers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    checks: list[str] = field(default_factory=list)
     references: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
     figures: dict[str, bytes] = field(default_factory=dict)
+    vector_figures: dict[str, dict[str, bytes]] = field(default_factory=dict)  # name -> {svg, pdf}
     out: Path | None = None
 
     def markdown(self) -> str:
@@ -91,6 +111,9 @@ class Report:
         for name, png in self.figures.items():
             (out / f"{name}.png").write_bytes(png)
             written.append(out / f"{name}.png")
+            for fmt, data in self.vector_figures.get(name, {}).items():
+                (out / f"{name}.{fmt}").write_bytes(data)
+                written.append(out / f"{name}.{fmt}")
         doc = build_document(self)
         for name, text in (("report.md", to_markdown(doc)), ("report.html", to_html(doc))):
             (out / name).write_text(text, encoding="utf-8")
@@ -137,7 +160,8 @@ def build_report(inputs: list[Path], opts: AnalysisOptions, loaded: list[RunLog]
     scaling, baseline_notes = scaling_table(runs, opts.baseline, opts.bootstrap_samples, opts.seed)
     notes += baseline_notes
     _add_targets(runs, loaded, scaling, opts.target_dice)
-    models = fit_models(runs)
+    models, model_notes = fit_models(runs)
+    notes += model_notes
     curves, curve_notes = model_curves(scaling, models)
     notes += curve_notes
     report = Report(
@@ -147,7 +171,7 @@ def build_report(inputs: list[Path], opts: AnalysisOptions, loaded: list[RunLog]
         scaling=scaling,
         fits=fit_table(models),
         curves=curves,
-        breakdown=breakdown_table(runs, models),
+        breakdown=breakdown_table(runs),
         quality=quality_table(runs, scaling),
         dice=_dice_table(runs, loaded),
         ranks=_ranks_table(loaded),
@@ -157,8 +181,12 @@ def build_report(inputs: list[Path], opts: AnalysisOptions, loaded: list[RunLog]
     )
     if opts.reference:
         report.references = load_references(opts.reference_dir)
+    report.environment = environment_table(loaded)
+    report.utilisation = utilisation_table(runs, loaded)
+    report.stragglers = straggler_table(loaded)
+    report.checks = honesty_checks(runs, loaded, scaling)
     if opts.plots:
-        report.figures = draw_figures(report)
+        report.figures, report.vector_figures = draw_figures(report)
     return report
 
 
@@ -227,8 +255,8 @@ def _loss_table(runs: pd.DataFrame, loaded: list[RunLog]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
-def draw_figures(report: Report) -> dict[str, bytes]:
-    """Every plot that has something to show, as PNG bytes."""
+def draw_figures(report: Report) -> tuple[dict[str, bytes], dict[str, dict[str, bytes]]]:
+    """Every plot that has something to show: PNG bytes, and the same figure as SVG and PDF."""
     figures = {
         "speedup": plots.plot_speedup(report.scaling, report.curves, report.references),
         "efficiency": plots.plot_efficiency(report.scaling, report.curves, report.references),
@@ -238,4 +266,8 @@ def draw_figures(report: Report) -> dict[str, bytes]:
         "cost": plots.plot_cost(report.quality),
         "loss": plots.plot_loss(report.loss),
     }
-    return {name: plots.png_bytes(fig) for name, fig in figures.items() if fig is not None}
+    drawn = {name: fig for name, fig in figures.items() if fig is not None}
+    vectors = {
+        name: {fmt: plots.figure_bytes(fig, fmt) for fmt in FIGURE_FORMATS} for name, fig in drawn.items()
+    }
+    return {name: plots.png_bytes(fig) for name, fig in drawn.items()}, vectors

@@ -119,6 +119,14 @@ def timing_figures(run: RunLog, warmup: int) -> dict[str, Any]:
     step_s = chosen["step_s"].to_numpy()
     wait_s = float(chosen["data_wait_s"].sum())
     compute_s = float(chosen["compute_s"].sum())
+    measured = "exposed_comm_s" in chosen and bool(chosen["exposed_comm_s"].notna().all())
+    if measured:  # every part booked on the ranks: nothing is a residual
+        exposed_s = float(chosen["exposed_comm_s"].sum())
+        other_s = float(chosen["other_s"].sum())
+        out.update(exposed_comm_s=exposed_s / len(chosen), comm_s=float(chosen["comm_s"].sum()) / len(chosen))
+    else:  # an older log: communication unknown (inside compute), other is what the parts leave
+        other_s = max(total_s - wait_s - compute_s, 0.0)
+        out.update(exposed_comm_s=math.nan, comm_s=math.nan)
     out.update(
         throughput=float(chosen["samples"].sum()) / total_s,
         step_s_mean=total_s / len(chosen),
@@ -127,7 +135,8 @@ def timing_figures(run: RunLog, warmup: int) -> dict[str, Any]:
         slowest_rank_step_s=float(chosen["step_s_max"].mean()) if "step_s_max" in chosen else math.nan,
         data_wait_s=wait_s / len(chosen),
         compute_s=compute_s / len(chosen),
-        other_s=max(total_s - wait_s - compute_s, 0.0) / len(chosen),
+        other_s=other_s / len(chosen),
+        measured_comm=measured,
         data_wait_share=wait_s / total_s,
         compute_share=compute_s / total_s,
     )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from r2d2_hpc.analysis.model import StepTimeModel, batch_at, fit_step_time_model
+from r2d2_hpc.analysis.model import MIN_SCALES, StepTimeModel, batch_at, fit_step_time_model
 
 PROJECTION_FACTORS = (2, 4)
 
@@ -160,37 +160,57 @@ def _at(group: pd.DataFrame, ws: int, nodes: int | None) -> pd.DataFrame:
     return match[match["nodes"] == nodes] if nodes is not None and (match["nodes"] == nodes).any() else match
 
 
-def fit_models(runs: pd.DataFrame) -> dict[str, StepTimeModel]:
-    """One fitted :class:`StepTimeModel` per series that has two or more scales and known gradient bytes."""
-    models = {}
+def fit_models(runs: pd.DataFrame) -> tuple[dict[str, StepTimeModel], list[str]]:
+    """One fitted :class:`StepTimeModel` per series with at least ``MIN_SCALES`` scales and known gradient bytes;
+    a note for every series that has too few."""
+    models, notes = {}, []
     for series, group in runs[runs["timing_ok"]].groupby("series", sort=True):
         grad_bytes = group["grad_bytes"].dropna()
+        scales = group[["world_size", "nodes"]].drop_duplicates()
+        if len(scales) < MIN_SCALES:
+            if len(scales) > 1:
+                notes.append(
+                    f"{series}: {len(scales)} scales measured; the step-time model needs at least {MIN_SCALES} "
+                    "(with two, any two-term law fits exactly): no model, no projection"
+                )
+            continue
         if not len(grad_bytes):
+            notes.append(f"{series}: the logs give no gradient bytes: no model, no projection")
             continue
         model = fit_step_time_model(
             group["world_size"].to_numpy(float),
             group["batch_per_rank"].to_numpy(float),
             group["step_s_mean"].to_numpy(float),
             float(grad_bytes.iloc[0]),
+            group["nodes"].to_numpy(float),
         )
         if model is not None:
             models[series] = model
-    return models
+    return models, notes
 
 
 def fit_table(models: dict[str, StepTimeModel]) -> pd.DataFrame:
-    """The fitted parameters, one row per series."""
+    """The chosen form and fitted parameters, one row per series."""
     rows = [
         {
             "series": series,
+            "form": m.name,
+            "loo_error": m.loo_error,
+            "loo_max_error": m.loo_max_error,
             "compute_s_per_sample": m.compute_s_per_sample,
+            "constant_ms": m.constant_s * 1e3,
             "bandwidth_gb_per_s": m.bandwidth_bytes_per_s / 1e9,
             "latency_us": m.latency_s * 1e6,
+            "bandwidth_inter_gb_per_s": (1 / m.coef["bandwidth_inter"] / 1e9)
+            if m.coef.get("bandwidth_inter", 0) > 0
+            else math.nan,
+            "latency_inter_us": m.coef.get("latency_inter", math.nan) * 1e6,
             "grad_mib": m.grad_bytes / 2**20,
             "points": m.num_points,
             "scales": m.num_scales,
-            "latency_fitted": m.fitted_latency,
             "rmse_ms": m.rmse_s * 1e3,
+            "candidates": "; ".join(f"{name}: {err:.3g}" for name, err in m.candidates.items()),
+            "equivalent_forms": "; ".join(m.equivalent),
         }
         for series, m in models.items()
     ]
@@ -199,7 +219,7 @@ def fit_table(models: dict[str, StepTimeModel]) -> pd.DataFrame:
 
 def model_curves(scaling: pd.DataFrame, models: dict[str, StepTimeModel]) -> tuple[pd.DataFrame, list[str]]:
     """Modelled speedup and efficiency over the measured range (``fit``) and at 2x and 4x the largest measured
-    world size (``projection``), relative to the measured baseline median."""
+    world size (``projection``, with the model's 95% prediction interval), relative to the measured baseline."""
     rows, notes = [], []
     for series, model in models.items():
         points = scaling[scaling["series"] == series]
@@ -209,6 +229,8 @@ def model_curves(scaling: pd.DataFrame, models: dict[str, StepTimeModel]) -> tup
         ws0, base = int(first["baseline_world_size"]), points.loc[points["world_size"].idxmin()]
         base_thr = float(points[points["world_size"] == ws0]["throughput"].median())
         ws_max = int(points["world_size"].max())
+        nodes_max = float(points["nodes"].max()) if points["nodes"].notna().any() else 1.0
+        per_node = max(ws_max / nodes_max, 1.0)
         grid = sorted(set(points["world_size"].astype(int)) | set(_powers_of_two(ws0, ws_max)))
         targets = [(n, "fit") for n in grid] + [(f * ws_max, "projection") for f in PROJECTION_FACTORS]
         for n, kind in targets:
@@ -218,49 +240,59 @@ def model_curves(scaling: pd.DataFrame, models: dict[str, StepTimeModel]) -> tup
                     f"{series}: no projection at {n} ranks (global batch {_int(first['global_batch'])} < {n})"
                 )
                 continue
-            step_s = float(model.step_time_s(n, b))
+            nodes = max(math.ceil(n / per_node), 1)
+            step_s = float(model.step_time_s(n, b, nodes)[0])
+            lo, hi = (float(v[0]) for v in model.interval_s(n, b, nodes))
             thr = b * n / step_s
             rows.append(
                 {
                     "series": series,
                     "world_size": n,
+                    "nodes": nodes,
                     "kind": kind,
+                    "form": model.name,
                     "batch_per_rank": b,
                     "step_s": step_s,
-                    "comm_s": float(model.comm_time_s(n)),
+                    "step_s_low": lo,
+                    "step_s_high": hi,
+                    "comm_s": float(model.comm_time_s(n, nodes)[0]),
                     "throughput": thr,
                     "speedup": thr / base_thr,
+                    "speedup_low": b * n / hi / base_thr,
+                    "speedup_high": b * n / lo / base_thr if lo > 0 else math.inf,
                     "efficiency": thr / base_thr / (n / ws0),
+                    "efficiency_low": b * n / hi / base_thr / (n / ws0),
+                    "efficiency_high": (b * n / lo / base_thr / (n / ws0)) if lo > 0 else math.inf,
                 }
             )
     return pd.DataFrame(rows), notes
 
 
-def breakdown_table(runs: pd.DataFrame, models: dict[str, StepTimeModel]) -> pd.DataFrame:
-    """Median seconds per step in data wait, compute, modelled communication (taken out of compute, where the
-    all-reduce happens) and other, per series and scale."""
+BREAKDOWN_PARTS = ("data_wait_s", "compute_s", "exposed_comm_s", "other_s")
+
+
+def breakdown_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Median seconds per step in data wait, compute, exposed communication and other, as measured on the ranks
+    (no model); ``comm_s`` is all the time an all-reduce was in flight, most of it hidden behind the backward pass.
+    Logs that predate these measurements give NaN communication and a residual ``other_s``."""
     rows = []
     for (series, ws, nodes), point in runs[runs["timing_ok"]].groupby(
         ["series", "world_size", "nodes"], dropna=False
     ):
-        compute = float(point["compute_s"].median())
-        comm = float(models[series].comm_time_s(ws)) if series in models else math.nan
-        comm = min(comm, compute) if comm == comm else comm
-        rows.append(
-            {
-                "series": series,
-                "world_size": int(ws),
-                "nodes": nodes,
-                "step_s": float(point["step_s_mean"].median()),
-                "step_s_min": float(point["step_s_mean"].min()),
-                "step_s_max": float(point["step_s_mean"].max()),
-                "data_wait_s": float(point["data_wait_s"].median()),
-                "compute_s": compute - (comm if comm == comm else 0.0),
-                "comm_model_s": comm,
-                "other_s": float(point["other_s"].median()),
-                "data_wait_share": float(point["data_wait_share"].median()),
-            }
-        )
+        row = {
+            "series": series,
+            "world_size": int(ws),
+            "nodes": nodes,
+            "step_s": float(point["step_s_mean"].median()),
+            "step_s_min": float(point["step_s_mean"].min()),
+            "step_s_max": float(point["step_s_mean"].max()),
+            "repeats": len(point),
+        }
+        for part in (*BREAKDOWN_PARTS, "comm_s"):
+            row[part] = float(point[part].median()) if part in point else math.nan
+        row["measured_comm"] = bool(point["measured_comm"].all()) if "measured_comm" in point else False
+        row["data_wait_share"] = float(point["data_wait_share"].median())
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

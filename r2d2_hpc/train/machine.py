@@ -36,21 +36,22 @@ GPU_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
 
 
 def machine_load() -> dict[str, Any]:
-    """The 1-minute load average and the CPU steal share since boot (None where /proc is missing)."""
+    """The 1-minute load average and the CPU steal counters (jiffies since boot; the analysis takes the
+    difference between a run's header and end line); None where /proc is missing."""
     try:
         load_1m = os.getloadavg()[0]
     except OSError:
         load_1m = None
-    return {"load_avg_1m": load_1m, "cpu_steal_share": _steal_share()}
+    steal, total = _steal_jiffies()
+    return {"load_avg_1m": load_1m, "cpu_steal_jiffies": steal, "cpu_total_jiffies": total}
 
 
-def _steal_share() -> float | None:
+def _steal_jiffies() -> tuple[int | None, int | None]:
     try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    values = [int(v) for v in fields]
-    return values[7] / sum(values) if len(values) > 7 and sum(values) > 0 else None
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, IndexError, ValueError):
+        return None, None
+    return (values[7] if len(values) > 7 else None), sum(values)
 
 
 def cpu_facts() -> dict[str, Any]:
@@ -60,6 +61,7 @@ def cpu_facts() -> dict[str, Any]:
     except (AttributeError, OSError):
         available = os.cpu_count()
     return {
+        "cpu_name": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpus_available": available,
         "threads_per_rank": torch.get_num_threads(),

@@ -100,15 +100,20 @@ def test_html_is_self_contained_with_every_plot_and_table(study) -> None:
     for title in (
         "Scaling",
         "Step-time model and projections",
-        "Time breakdown",
+        "Time breakdown (measured)",
+        "Honesty checks",
+        "Environment",
+        "Utilisation",
+        "Stragglers",
         "Accuracy, time to target and cost",
         "Published references",
         "Per run",
         "Definitions",
     ):
         assert f"<h2>{title}</h2>" in page
-    # scaling, fit, projections, breakdown, quality, convergence, references, runs
-    assert page.count("<table>") == 8
+    # scaling, fit, projections, breakdown, stragglers, quality, convergence, references, runs (no utilisation:
+    # these logs carry no FLOPs per sample, and the report says so)
+    assert page.count("<table>") == 9 and "No run logged its FLOPs per sample" in page
     assert "PROJECTIONS (model, not measured)" in page and "NVIDIA" in page and "10.1002/spe.2878" in page
     md = (out / "report.md").read_text()
     assert all(f"]({name}.png)" in md for name in report.figures)
@@ -121,7 +126,17 @@ def test_png_files_hold_pictures(study) -> None:
 
 
 def _errorbars(ax) -> list[ErrorbarContainer]:
-    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    """Measured points' bars (the projections' prediction intervals are error bars too, labelled apart)."""
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    return [c for c in bars if "prediction interval" not in c.get_label()]
+
+
+def _intervals(ax) -> list[ErrorbarContainer]:
+    return [
+        c
+        for c in ax.containers
+        if isinstance(c, ErrorbarContainer) and "prediction interval" in c.get_label()
+    ]
 
 
 def _line(ax, label: str):
@@ -146,6 +161,11 @@ def test_speedup_plot_content(study) -> None:
     assert list(proj.get_xdata()) == [8, 16] and proj.get_linestyle() == "None"
     assert _line(ax, "unet strong G=16 (model)").get_linestyle() == "--"
     assert sum(t.get_text() == "projection" for t in ax.texts) == 4  # 2 series x (2x, 4x)
+    (interval,) = [b for b in _intervals(ax) if b.get_label().startswith("unet")]
+    assert list(interval.lines[2][0].get_segments()[0][:, 0]) == [8, 8]  # drawn around the projection
+    # 2 repeats (fewer than 3): the measured bars have no length, and the caption says so
+    assert all(np.ptp(seg[:, 1]) == 0 for b in bars for seg in b.lines[2][0].get_segments())
+    assert "no error bars (fewer than 3 repeats per point" in report.markdown()
     ideal = _line(ax, "ideal (N / 1)")
     assert list(ideal.get_ydata()) == list(ideal.get_xdata())
     published = [ln for ln in ax.get_lines() if ln.get_label().endswith("(published)")]
@@ -167,20 +187,13 @@ def test_efficiency_throughput_breakdown_dice_loss_content(study) -> None:
     (ax,) = P.plot_breakdown(report.breakdown).axes
     stacks = [c for c in ax.containers if isinstance(c, BarContainer)]
     labels = [c.get_label() for c in stacks]
-    assert labels == [
-        "data wait",
-        "compute (excl. modelled communication)",
-        "communication (model estimate)",
-        "other (logging, sync)",
-    ]
+    assert labels == ["data wait", "compute", "other (step bookkeeping)"]  # legacy logs: comm not measured
     assert all(len(c.patches) == 2 * len(SCALES) for c in stacks)
     heights = np.sum([[p.get_height() for p in c.patches] for c in stacks], axis=0)
     assert heights == pytest.approx(
         report.breakdown.sort_values(["series", "world_size"])["step_s"].to_numpy()
     )
-    (spread,) = _errorbars(ax)  # min-max of the step time over repeats, on top of each stack
-    assert spread.get_label() == "min-max step time"
-    assert len(spread.lines[2][0].get_segments()) == 2 * len(SCALES)
+    assert not _errorbars(ax)  # 1-2 repeats per point: no min-max spread drawn
     (ax,) = P.plot_dice(report.quality).axes
     (bar,) = _errorbars(ax)  # only the U-Net logged evaluations
     assert list(bar.lines[0].get_ydata()) == pytest.approx([0.8 - 0.005 * n for n in SCALES])
