@@ -108,16 +108,20 @@ def read_window(
     ``decode(chunk_box)`` reads one whole chunk (clipped at the array's edge) from the file; ``key`` names the
     array, so that ``(key, chunk origin)`` names a chunk in ``cache``.
     """
-    origin = tuple(lo // c * c for (lo, _), c in zip(window, chunks, strict=True))
-    if all(
-        hi <= o + c for (_, hi), o, c in zip(window, origin, chunks, strict=True)
-    ):  # one chunk: most reads
-        chunk = cache.lookup((key, origin))
+    origin, part = [], []
+    for axis, ((lo, hi), c) in enumerate(zip(window, chunks, strict=True)):
+        o = lo - lo % c
+        if hi > o + c:
+            break  # the window spans chunks along this axis
+        origin.append(o)
+        part.append(lo - o if axis in squeeze else slice(lo - o, hi - o))  # an int drops a squeezed axis
+    else:  # one chunk: most reads
+        at = (key, tuple(origin))
+        chunk = cache.lookup(at)
         if chunk is None:
             box = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, chunks, shape, strict=True))
-            chunk = cache.put((key, origin), decode(box))
-        part = chunk[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(window, origin, strict=True))]
-        return (np.squeeze(part, axis=squeeze) if squeeze else part).copy()
+            chunk = cache.put(at, decode(box))
+        return chunk[tuple(part)].copy()
     # per axis, for every chunk the window overlaps: its origin, its box, the part of it and of the output
     origins, boxes, parts, places = [], [], [], []
     for (lo, hi), c, n in zip(window, chunks, shape, strict=True):
