@@ -111,6 +111,14 @@ class BatchStats:
         return self.corrupt_skipped
 
 
+def shard_error_from_worker(exc: ShardError) -> ShardError:
+    """The ShardError a DataLoader worker raised, with its own message (shard, case, fix) and no traceback text."""
+    text = str(exc)
+    if "DataLoader worker" in text and _WORKER_ERROR in text:
+        return ShardError(text.rsplit(_WORKER_ERROR, 1)[1].strip())
+    return exc
+
+
 def next_batch(batches: Iterator[dict[str, Any]], stats: BatchStats) -> dict[str, Any]:
     """The next batch; a corrupt shard read in a worker stops the run with the worker's own message.
 
@@ -120,10 +128,7 @@ def next_batch(batches: Iterator[dict[str, Any]], stats: BatchStats) -> dict[str
     try:
         batch = next(batches)
     except ShardError as exc:
-        text = str(exc)
-        if "DataLoader worker" in text and _WORKER_ERROR in text:
-            raise ShardError(text.rsplit(_WORKER_ERROR, 1)[1].strip()) from None
-        raise
+        raise shard_error_from_worker(exc) from None
     skipped = batch.get("corrupt_skipped")
     if skipped is not None:
         stats.corrupt_skipped += int(torch.as_tensor(skipped).sum())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from r2d2_hpc.errors import ShardError
+from r2d2_hpc.train.data import shard_error_from_worker
 from r2d2_hpc.train.dist import DistEnv
 from r2d2_hpc.train.metrics import all_reduce_counts, confusion_counts, dice_from_counts
 from r2d2_hpc.train.sampler import ShardedEvalSampler
@@ -44,6 +46,8 @@ def evaluate(
                 logits = model(batch["image"].to(device, non_blocking=True))
                 pred = logits.argmax(dim=1).cpu()
                 counts += confusion_counts(pred, batch["label"], num_classes)
+    except ShardError as exc:  # a corrupt validation shard: its message, not a worker's traceback
+        raise shard_error_from_worker(exc) from None
     finally:
         model.train(was_training)
     if env.world_size > 1:

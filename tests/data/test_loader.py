@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,11 @@ import torch
 from r2d2_hpc.config import DataConfig, RunConfig, TrainConfig
 from r2d2_hpc.data.augment import AugmentConfig
 from r2d2_hpc.data.dataset import SliceDataset
+from r2d2_hpc.data.manifest import open_shard, read_manifest
+from r2d2_hpc.errors import ShardError
 from r2d2_hpc.train.data import build_datasets, build_train_loader
 from r2d2_hpc.train.dist import DistEnv
+from r2d2_hpc.train.evaluate import evaluate
 from r2d2_hpc.train.sampler import ResumableDistributedSampler, steps_per_epoch
 
 
@@ -111,3 +115,28 @@ def test_random_patch_epochs_do_not_shrink_with_the_world_size(shards_3d: Path) 
     # strong scaling: the global batch is fixed, and so are the steps per epoch
     strong = {"scaling": "strong", "global_batch": 8}
     assert {_samples_per_epoch(_cfg(shards_3d, 3, **strong), n)[1] for n in (1, 2, 4, 8)} == {6}
+
+
+def test_a_corrupt_validation_shard_read_by_a_worker_names_shard_and_case(
+    shards_2d: Path, tmp_path: Path
+) -> None:
+    shards = Path(shutil.copytree(shards_2d, tmp_path / "shards"))
+    manifest = read_manifest(shards)
+    case_id = manifest["split"]["val"][0]
+    shard = shards / manifest["cases"][case_id]["shard"]
+    with open_shard(shard) as f:
+        info = f[f"cases/{case_id}/label"].id.get_chunk_info(2)
+    with open(shard, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    val = SliceDataset(shards, "val", pad_multiple=4)
+    model = torch.nn.Conv2d(val.num_channels, val.num_classes, 1)  # any model: the read fails first
+    with pytest.raises(ShardError) as raised:
+        evaluate(model, val, _env(1), torch.device("cpu"), 4, None, num_workers=1)
+    message = str(raised.value)
+    assert (
+        message.startswith(f"{shard}: reading label of case '{case_id}' failed") and "fletcher32" in message
+    )
+    assert "Traceback" not in message and "DataLoader worker" not in message
