@@ -62,10 +62,15 @@ class SlurmCluster:
         return executor
 
     def sacct(
-        self, job_id: str | int, fields: Sequence[str] = SACCT_FIELDS, steps: bool = False
+        self,
+        job_id: str | int,
+        fields: Sequence[str] = SACCT_FIELDS,
+        steps: bool = False,
+        extra: Sequence[str] = (),
     ) -> list[dict]:
-        """``sacct`` rows of one job as {field: text}: the job's own row first, its steps too when ``steps``."""
-        cmd = ["sacct", "-j", str(job_id), "-o", ",".join(fields), "--parsable2", "--noheader"]
+        """``sacct`` rows of one job as {field: text}: the job's own row first, its steps too when ``steps``;
+        ``extra=("-D",)``: one row per attempt of a requeued job."""
+        cmd = ["sacct", "-j", str(job_id), "-o", ",".join(fields), "--parsable2", "--noheader", *extra]
         out = run_cmd(cmd if steps else [*cmd, "-X"]).stdout
         return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines() if line]
 
