@@ -44,12 +44,15 @@ def shards(make_phantom_shards) -> Path:
 
 @pytest.fixture(scope="module")
 def two_nodes(slurm_cluster):
+    """The cluster, when it has 2 nodes and a high partition (skipped otherwise; failed with R2D2_REQUIRE_SLURM=1)."""
     if len(slurm_cluster.nodes) < 2 or slurm_cluster.high_partition is None:
-        pytest.fail(
-            f"these tests need 2 nodes and a high partition; the cluster has {slurm_cluster.nodes} and "
-            f"{slurm_cluster.high_partition}: start it with R2D2_SLURM_NODES=2 (the default)",
-            pytrace=False,
+        reason = (
+            f"needs 2 nodes and a high partition, the cluster has {list(slurm_cluster.nodes)} and "
+            f"{slurm_cluster.high_partition}: restart it with R2D2_SLURM_NODES=2 (the default)"
         )
+        if os.environ.get("R2D2_REQUIRE_SLURM") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     return slurm_cluster
 
 
@@ -264,13 +267,14 @@ def _signal_pending(pid: int, sig: signal.Signals) -> bool:
 def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_accounted(
     two_nodes, shards: Path, tmp_path: Path
 ) -> None:
-    # --time=1 min, --signal=USR2@30: Slurm checks time limits every 30 s, so the signal comes 30-59 s in.
+    # --time=1 min, --signal=USR2@5: Slurm checks time limits every 30 s and sends the signal up to that much
+    # early, so it comes 25-55 s in (a longer delay would signal a 1-minute job before it even started).
     lc = _launch_config(two_nodes, shards, tmp_path / "study", max_steps=40, dist_timeout_s=300.0)
-    lc.launcher.time_min, lc.launcher.signal_delay_s = 1, 30
+    lc.launcher.time_min, lc.launcher.signal_delay_s = 1, 5
     study, configs = _study(lc)
     jobs = submit_slurm(study, lc, configs)
     job_id, run_dir = study.runs[0].job_id, tmp_path / "study" / study.runs[0].run_dir
-    _wait_for_step(run_dir, 3, job_id)
+    _wait_for_step(run_dir, 1, job_id)
     # Training this small would finish before the signal on any machine; freezing the ranks until the signal is
     # pending stands for a training longer than the limit (the signal and the limit are Slurm's own).
     pids = [pid for pid, _ in _wait_for_ranks(job_id, 2).values()]
@@ -290,12 +294,12 @@ def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_ac
 
     result = json.loads((run_dir / "result.json").read_text())
     assert (result["status"], result["steps"], result["attempts"]) == ("completed", 40, 2)
-    assert 3 <= _headers(run_dir, 0)[1]["resumed_at_step"] < 40
+    assert 1 <= _headers(run_dir, 0)[1]["resumed_at_step"] < 40
     acct = json.loads((run_dir / "slurm.json").read_text())
     assert (acct["state"], acct["num_attempts"]) == ("COMPLETED", 2)
     assert [a["state"] for a in acct["attempts"]] == ["REQUEUED", "COMPLETED"]
     first, last = acct["attempts"]
-    assert first["elapsed_s"] >= 30 and last["elapsed_s"] >= 1  # the first ran until the signal
+    assert first["elapsed_s"] >= 20 and last["elapsed_s"] >= 1  # the first ran until the signal
     assert acct["elapsed_s"] == first["elapsed_s"] + last["elapsed_s"]
     assert acct["queue_wait_s"] == first["queue_wait_s"] + last["queue_wait_s"]
     assert last["queue_wait_s"] >= 9  # a requeued job is held for cred_expire (10 s)
@@ -380,7 +384,7 @@ def test_two_runs_on_one_node_at_once_get_distinct_ports_below_the_ephemeral_ran
 ) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(PORT_PROBE)
-    py = f"PYTHONPATH={Path(__file__).resolve().parents[2]} {sys.executable} {probe} {tmp_path}"
+    py = f"env PYTHONPATH={Path(__file__).resolve().parents[2]} {sys.executable} {probe} {tmp_path}"
     script = tmp_path / "two.sbatch"
     script.write_text(
         "#!/bin/bash\n"
