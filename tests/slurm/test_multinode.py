@@ -8,6 +8,7 @@ processes) and both preempted runs, so every one of them must end with the very 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -256,12 +257,20 @@ def _wait_for_ranks(job_id: str, count: int, timeout_s: float = 60) -> dict[int,
     return pids
 
 
-def _signal_pending(pid: int, sig: signal.Signals) -> bool:
-    status = Path(f"/proc/{pid}/status").read_text()
-    masks = [
-        int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd", "ShdPnd"))
-    ]
-    return any(mask & (1 << (sig - 1)) for mask in masks)
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _signalled(pid: int, sig: signal.Signals) -> bool:
+    """``sig`` is pending for the stopped process ``pid``, or Slurm already woke it up (it sends SIGCONT with the
+    signal), or it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return bool(pending & (1 << (sig - 1))) or not fields["State"].strip().startswith("T")
 
 
 def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_accounted(
@@ -280,14 +289,25 @@ def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_ac
     pids = [pid for pid, _ in _wait_for_ranks(job_id, 2).values()]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
+    while not all(_stopped(pid) for pid in pids):
+        time.sleep(0.05)  # SIGSTOP takes effect asynchronously
     try:
         deadline = time.monotonic() + 90
-        while not all(_signal_pending(pid, signal.SIGUSR2) for pid in pids):
+        while not all(_signalled(pid, signal.SIGUSR2) for pid in pids):
             assert time.monotonic() < deadline, "no time-limit signal (USR2) within 90 s of a 1-minute job"
             time.sleep(0.2)
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 90
+    while not any(
+        r["State"] == "REQUEUED" for r in two_nodes.sacct(job_id, ("JobID", "State"), extra=("-D",))
+    ):
+        assert time.monotonic() < deadline, "the job did not requeue itself after the time-limit signal"
+        time.sleep(0.3)
+    # The rerun gets room to finish (with 1 minute it would be signalled again at once, before it trained).
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, timeout=30)
     wait_all(study, jobs)
     assert study.runs[0].state == "COMPLETED", study.summary()
     store_accounting(study)
