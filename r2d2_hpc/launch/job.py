@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +45,11 @@ class TrainJob:
         self.master_port = master_port  # local launcher only: a free port chosen by the launcher
 
     def __call__(self) -> dict[str, Any]:
+        # Catch the stop signals first: importing torch takes seconds, and a signal meanwhile would otherwise
+        # reach submitit's handler (resubmit from the last checkpoint) or end the task.
+        early = threading.Event()
+        for sig in _preemption_signals():
+            signal.signal(sig, lambda *_: early.set())
         from r2d2_hpc.train.dist import dist_env_from_environ
         from r2d2_hpc.train.loop import StopFlag, train
 
@@ -58,6 +64,8 @@ class TrainJob:
         stop = StopFlag()
         for sig in _preemption_signals():
             signal.signal(sig, lambda *_: stop.set())
+        if early.is_set():
+            stop.set()
         result = train(self.run_cfg, env, stop)
         if result["status"] != "preempted":
             return result

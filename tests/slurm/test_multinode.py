@@ -276,10 +276,10 @@ def _signalled(pid: int, sig: signal.Signals) -> bool:
 def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_accounted(
     two_nodes, shards: Path, tmp_path: Path
 ) -> None:
-    # --time=1 min, --signal=USR2@5: Slurm checks time limits every 30 s and sends the signal up to that much
-    # early, so it comes 25-55 s in (a longer delay would signal a 1-minute job before it even started).
+    # --time=2 min, --signal=USR2@5: Slurm checks time limits every 30 s and sends the signal up to 60 s early
+    # (a 1-minute job would be signalled at its first check, before it even trained): it comes 55-85 s in.
     lc = _launch_config(two_nodes, shards, tmp_path / "study", max_steps=40, dist_timeout_s=300.0)
-    lc.launcher.time_min, lc.launcher.signal_delay_s = 1, 5
+    lc.launcher.time_min, lc.launcher.signal_delay_s = 2, 5
     study, configs = _study(lc)
     jobs = submit_slurm(study, lc, configs)
     job_id, run_dir = study.runs[0].job_id, tmp_path / "study" / study.runs[0].run_dir
@@ -292,9 +292,9 @@ def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_ac
     while not all(_stopped(pid) for pid in pids):
         time.sleep(0.05)  # SIGSTOP takes effect asynchronously
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while not all(_signalled(pid, signal.SIGUSR2) for pid in pids):
-            assert time.monotonic() < deadline, "no time-limit signal (USR2) within 90 s of a 1-minute job"
+            assert time.monotonic() < deadline, "no time-limit signal (USR2) within 120 s of a 2-minute job"
             time.sleep(0.2)
     finally:
         for pid in pids:
@@ -306,7 +306,7 @@ def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_ac
     ):
         assert time.monotonic() < deadline, "the job did not requeue itself after the time-limit signal"
         time.sleep(0.3)
-    # The rerun gets room to finish (with 1 minute it would be signalled again at once, before it trained).
+    # The rerun gets room to finish (it would be signalled again before it could train 40 steps here).
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True, timeout=30)
     wait_all(study, jobs)
     assert study.runs[0].state == "COMPLETED", study.summary()
@@ -319,7 +319,7 @@ def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_ac
     assert (acct["state"], acct["num_attempts"]) == ("COMPLETED", 2)
     assert [a["state"] for a in acct["attempts"]] == ["REQUEUED", "COMPLETED"]
     first, last = acct["attempts"]
-    assert first["elapsed_s"] >= 20 and last["elapsed_s"] >= 1  # the first ran until the signal
+    assert first["elapsed_s"] >= 45 and last["elapsed_s"] >= 1  # the first ran until the signal
     assert acct["elapsed_s"] == first["elapsed_s"] + last["elapsed_s"]
     assert acct["queue_wait_s"] == first["queue_wait_s"] + last["queue_wait_s"]
     assert last["queue_wait_s"] >= 9  # a requeued job is held for cred_expire (10 s)
