@@ -84,12 +84,12 @@ def _run_status(
         else:
             info = infos.get(run.job_id or "")
             state, reason, found_error = _slurm_state(study, run, launcher, info, queried)
-            if info is not None:
+            if info is not None and state not in ("PENDING", "REQUEUED"):  # a waiting job has no time used
                 node_list, elapsed = info.nodes, info.elapsed_s
         error = found_error or error
-    if node_list is None:
+    if node_list is None and state not in ("PENDING", "REQUEUED"):
         node_list = prog.host if run.job_id else None
-    if elapsed is None:
+    if elapsed is None and state not in ("PENDING", "REQUEUED"):
         elapsed = _elapsed_from_log(prog, running=state == "RUNNING")
     return RunStatus(
         name=run.name,
