@@ -96,3 +96,29 @@ def test_live_table_redraws_in_place_on_a_terminal_and_prints_now_and_then_in_a_
     live.show("new", changed=True)
     text = log.getvalue()
     assert "first" in text and "same" not in text and "new" in text
+
+
+def test_tqdm_lines_on_a_real_terminal() -> None:
+    import os
+
+    master, slave = os.openpty()  # a pseudo-terminal: isatty() is true, as for a user's shell
+    with os.fdopen(slave, "w") as term:
+        progress = LocalProgress(["a", "b"], {"a": 30, "b": 30}, log_every=10, out=term)
+        progress.start("a")
+        progress.update("a", RunProgress(step=12, total=30, loss=0.5, samples_per_s=4.0, eta_s=5.0))
+        progress.finish("a", "COMPLETED")
+        progress.close()
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal's other end is closed: all read
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert "12/30" in text and "loss=0.5000" in text and "ETA=0:05" in text  # the run's bar
+    assert "a: COMPLETED step 12/30 loss 0.5000" in text  # its line once it ended
+    assert "study" in text and "1/2" in text and "1/2 runs done (1 COMPLETED)" in text  # the summary line

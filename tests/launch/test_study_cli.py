@@ -50,6 +50,8 @@ def _status_json(study: Path) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two runs, a cancel and a resume on a shared 2-core machine
 def test_status_cancel_resume_logs_report_of_a_local_study(shards: Path, tmp_path: Path) -> None:
     study = tmp_path / "study"
     launcher = subprocess.Popen(
@@ -62,7 +64,7 @@ def test_status_cancel_resume_logs_report_of_a_local_study(shards: Path, tmp_pat
             *TINY,
             "model=unet",
             "study.scales=[1,2]",
-            "train.max_steps=120",
+            "train.max_steps=200",
             "train.checkpoint_every_steps=10",
         ],
         cwd=REPO,
@@ -83,12 +85,12 @@ def test_status_cancel_resume_logs_report_of_a_local_study(shards: Path, tmp_pat
                     break
             time.sleep(1)
         # the running run: its progress from the timing log; the next one waits for it
-        assert first["name"] == "unet-w1-r0" and first["total"] == 120 and first["loss"] > 0
+        assert first["name"] == "unet-w1-r0" and first["total"] == 200 and first["loss"] > 0
         assert first["samples_per_s"] > 0 and first["eta_s"] > 0 and first["node_list"]
         second = status["runs"][1]
-        assert second["state"] == "PENDING" and second["world_size"] == 2 and second["total"] == 120
+        assert second["state"] == "PENDING" and second["world_size"] == 2 and second["total"] == 200
         table = _study("status", str(study))
-        assert table.returncode == 0 and "RUNNING" in table.stdout and "/120" in table.stdout
+        assert table.returncode == 0 and "RUNNING" in table.stdout and "/200" in table.stdout
         assert "2 runs: 1 PENDING, 1 RUNNING" in table.stdout
 
         controller = first["job_id"]
@@ -106,14 +108,14 @@ def test_status_cancel_resume_logs_report_of_a_local_study(shards: Path, tmp_pat
     after = _status_json(study)
     assert after["failed"] == 0 and after["done"] is True
     stopped_at = after["runs"][0]["step"]
-    assert 25 <= stopped_at < 120
+    assert 25 <= stopped_at < 200
 
     resumed = _study("resume", str(study), "--no-report", timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     final = _status_json(study)
     assert [(r["name"], r["state"], r["step"]) for r in final["runs"]] == [
-        ("unet-w1-r0", "COMPLETED", 120),
-        ("unet-w2-r0", "COMPLETED", 120),
+        ("unet-w1-r0", "COMPLETED", 200),
+        ("unet-w2-r0", "COMPLETED", 200),
     ]
     record = json.loads((study / "study.json").read_text())
     assert record["runs"][0]["extra"]["previous_jobs"] == [{"job_id": controller, "state": "CANCELLED"}]

@@ -137,3 +137,59 @@ def test_pending_reason_cancel_resume_and_logs_of_a_slurm_study(
     logs = _study("logs", str(study), "unet-n1-r0")
     assert logs.returncode == 0 and f"{second['job_id']}_0_log" in logs.stdout
     assert "resumed from" in logs.stdout
+
+
+def test_cancel_and_resume_of_an_sbatch_study(slurm_cluster, shards: Path, job_dir: Path) -> None:
+    study = job_dir / "sbatch-study"
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "r2d2_hpc.launch",
+            "launcher=sbatch",
+            "launcher.submit=true",
+            f"launcher.partition={slurm_cluster.partition}",
+            "launcher.cpus_per_task=1",
+            "launcher.tasks_per_node=1",
+            "launcher.time_min=10",
+            f"launcher.python={sys.executable}",
+            "study.scale_unit=nodes",
+            "study.scales=[1]",
+            "model=unet",
+            "model.depth=2",
+            "model.base_width=4",
+            f"data.shards={shards}",
+            f"study.dir={study}",
+            "train.max_steps=300",
+            "train.checkpoint_every_steps=5",
+            "train.global_batch=4",
+            "train.num_workers=0",
+            "train.eval_every_steps=0",
+            "train.threads_per_rank=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    running = _wait_row(study, lambda r: r["state"] == "RUNNING" and (r["step"] or 0) >= 10, "step 10")
+    first_job = running["job_id"]
+    cancelled = _study("cancel", str(study))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert slurm_cluster.wait_sacct(first_job)["State"].startswith("CANCELLED")
+    assert _row(study)["state"] == "CANCELLED"
+
+    resumed = _study("resume", str(study))  # sbatch: resubmits the run's script and returns
+    assert resumed.returncode == 0 and "unet-n1-r0" in resumed.stdout, resumed.stdout + resumed.stderr
+    done = _wait_row(study, lambda r: r["state"] == "COMPLETED", "the resumed sbatch run", timeout_s=400)
+    assert done["job_id"] != first_job and done["step"] == 300
+    headers = [
+        json.loads(line)
+        for line in (study / "runs" / "unet-n1-r0" / "timing" / "rank0.jsonl").read_text().splitlines()
+        if '"header"' in line
+    ]
+    assert headers[-1]["resumed_at_step"] >= 5 and headers[-1]["slurm_job_id"] == done["job_id"]
+    assert json.loads((study / "runs" / "unet-n1-r0" / "result.json").read_text())["status"] == "completed"
+    logs = _study("logs", str(study), "unet-n1-r0", "--rank", "0")
+    assert logs.returncode == 0 and f"unet-n1-r0-{done['job_id']}.err" in logs.stdout
