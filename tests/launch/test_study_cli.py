@@ -64,6 +64,7 @@ def test_status_cancel_resume_logs_report_of_a_local_study(shards: Path, tmp_pat
             *TINY,
             "model=unet",
             "study.scales=[1,2]",
+            "study.report=false",  # the report verb makes it below
             "train.max_steps=200",
             "train.checkpoint_every_steps=10",
         ],
