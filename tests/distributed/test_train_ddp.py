@@ -190,7 +190,15 @@ def test_dice_does_not_depend_on_the_number_of_ranks(shards: Path, tmp_path: Pat
             shards,
             run_dir,
             world,
-            [*UNET, "train.max_steps=3", "train.global_batch=4", f"resume={ckpt}", "train.eval_batch=1"],
+            # Evaluating a 1-rank checkpoint on 2 ranks is a world-size change, refused unless allowed.
+            [
+                *UNET,
+                "train.max_steps=3",
+                "train.global_batch=4",
+                f"resume={ckpt}",
+                "train.eval_batch=1",
+                "train.allow_world_size_change=true",
+            ],
         )
         result = json.loads((run_dir / "result.json").read_text())
         assert result["steps"] == 3
