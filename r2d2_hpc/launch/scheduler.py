@@ -47,6 +47,7 @@ class SlurmQueue:
         self.timeout_s = timeout_s
         self.accounting = True  # False once sacct said there is no accounting
         self.calls = {"squeue": 0, "sacct": 0}
+        self.answered = True  # False when the last poll's squeue failed (controller down): nothing is known
 
     def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
         """What Slurm knows of ``job_ids``; a job neither command knows is missing from the answer."""
@@ -54,6 +55,8 @@ class SlurmQueue:
         if not ids:
             return {}
         found = self._squeue(ids)
+        if not self.answered:
+            return {}  # without squeue a job missing from sacct cannot be told from one still queued
         gone = [j for j in ids if j not in found]
         if gone and self.accounting:
             found.update(self._sacct(gone))
@@ -71,10 +74,14 @@ class SlurmQueue:
     def _squeue(self, ids: list[str]) -> dict[str, JobInfo]:
         # -r: one line per array task, also while the array is pending (else "123_[0-4]")
         done = self._run("squeue", ["-h", "-r", "-j", ",".join(ids), "-o", "|".join(SQUEUE_FIELDS)])
+        self.answered = True
         if done is None or done.returncode != 0:
             # "Invalid job id specified": none of them is in the queue any more
-            if done is not None and "invalid job id" not in done.stderr.lower():
-                log.warning("squeue failed (%s); job states may be stale", done.stderr.strip()[:200])
+            if done is None or "invalid job id" not in done.stderr.lower():
+                self.answered = False
+                log.warning(
+                    "squeue failed (%s); job states may be stale", done.stderr.strip()[:200] if done else ""
+                )
             return {}
         wanted, found = set(ids), {}
         for line in done.stdout.splitlines():

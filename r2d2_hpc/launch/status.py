@@ -65,7 +65,8 @@ def study_status(study: Study, queue: SlurmQueue | None = None) -> list[RunStatu
         open_ids = [r.job_id for r in study.runs if r.job_id and r.state not in FINISHED]
         if open_ids:
             queue = queue or SlurmQueue()
-            infos, queried = queue.poll(open_ids), True
+            infos = queue.poll(open_ids)
+            queried = queue.answered  # a failed squeue leaves every state as recorded
     return [_run_status(study, run, launcher, infos, queried) for run in study.runs]
 
 

@@ -22,6 +22,7 @@ from r2d2_hpc.launch.follow import follow
 from r2d2_hpc.launch.live import LiveTable
 from r2d2_hpc.launch.record import Study, StudyRun
 from r2d2_hpc.launch.scheduler import Backoff, SlurmQueue
+from r2d2_hpc.launch.status import study_status
 
 NUM_JOBS = 20
 
@@ -36,6 +37,9 @@ with open(here / "calls.jsonl", "a") as fh:
     fh.write(json.dumps({{"cmd": "{name}", "args": args}}) + "\n")
 calls = sum(1 for line in open(here / "calls.jsonl") if json.loads(line)["cmd"] == "squeue")
 schedule = json.loads((here / "schedule.json").read_text())
+if "{name}" == "squeue" and schedule.get("controller_down"):
+    print("slurm_load_jobs error: Unable to contact slurm controller (connect failure)", file=sys.stderr)
+    sys.exit(1)
 if "{name}" == "sacct" and schedule.get("no_accounting"):
     print("sacct: error: Slurm accounting storage is disabled", file=sys.stderr)
     sys.exit(1)
@@ -175,3 +179,20 @@ def test_without_accounting_sacct_is_asked_once_and_files_decide(
     assert {r.job_id: r.state for r in rows} == expected
     lost = next(r for r in rows if r.state == "LOST")
     assert "no accounting" in (lost.error or "")
+
+
+def test_a_controller_that_does_not_answer_leaves_every_state_as_recorded(
+    tmp_path: Path, wrapped_path: Path
+) -> None:
+    schedule = _schedule(no_accounting=True) | {"controller_down": True}
+    _wrappers(wrapped_path, schedule)
+    runs = [
+        StudyRun(f"r{i}", "unet", 1, 1, 0, f"runs/r{i}", job_id=str(1000 + i), state="SUBMITTED")
+        for i in range(3)
+    ]
+    study = Study.create(tmp_path / "down", runs, "sbatch", {})
+    queue = SlurmQueue()
+    rows = study_status(study, queue)
+    # neither squeue nor sacct can say anything: no run is declared LOST, and sacct is not asked
+    assert [r.state for r in rows] == ["SUBMITTED"] * 3
+    assert queue.calls == {"squeue": 1, "sacct": 0} and not queue.answered
