@@ -3,9 +3,10 @@
 ``experiment=demo`` is the demo on this machine (``scripts/main.sh`` prepares its data first): U-Net and FCN at
 1 and 2 ranks as local processes (gloo). Without an experiment a study gets the training defaults of
 ``conf/train/``. The plan is printed before anything starts; ``study.dry_run=true`` prints it (and the scripts it
-would submit) and starts nothing. ``data.shards`` must already be prepared: launch never writes data. ``launcher=slurm`` submits every run at once through submitit
-(arrays where the executor parameters are equal); ``study.attach=<dir>`` re-attaches to a submitted study;
-``launcher=sbatch`` renders one sbatch script per run instead. See conf/launch.yaml and conf/experiment/.
+would submit) and starts nothing. ``data.shards`` must already be prepared: launch never writes data.
+``launcher=slurm`` submits every run at once through submitit (arrays where the executor parameters are equal);
+``launcher=sbatch`` renders one sbatch script per run instead; ``study.attach=<dir>`` continues any study and
+writes its report (launch/attach.py). See conf/launch.yaml and conf/experiment/.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from omegaconf import DictConfig
 from r2d2_hpc.config import CONF_DIR, LaunchConfig, register_configs, to_dataclass
 from r2d2_hpc.errors import LaunchError, R2D2Error
 from r2d2_hpc.launch.accounting import store_accounting
-from r2d2_hpc.launch.executors import reattach, run_local, submit_slurm
+from r2d2_hpc.launch.attach import attach
+from r2d2_hpc.launch.executors import run_local, submit_slurm
 from r2d2_hpc.launch.finish import finish_study
 from r2d2_hpc.launch.follow import follow
 from r2d2_hpc.launch.plan import describe, model_configs, plan, run_config
@@ -48,13 +50,10 @@ def check_data(lc: LaunchConfig) -> None:
 
 
 def launch(lc: LaunchConfig, explicit_model: bool = False) -> Path:
-    """Runs (or submits, or re-attaches to) a study; returns the study directory."""
+    """Runs (or submits, or attaches to) a study; returns the study directory."""
     if lc.study.attach:
-        study = Study.load(Path(lc.study.attach))
-        if study.meta.get("launcher") != "sbatch":  # sbatch jobs are followed through squeue/sacct alone
-            reattach(study)  # checks that the study can be attached to
-        follow(study)
-        store_accounting(study)
+        study = Study.load(Path(lc.study.attach).absolute())
+        attach(study)
         return _finish(study, lc)
     check_data(lc)
     models = model_configs(lc, explicit_model)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +15,7 @@ from r2d2_hpc.launch.job import TrainJob
 from r2d2_hpc.launch.live import LocalProgress
 from r2d2_hpc.launch.progress import run_progress
 from r2d2_hpc.launch.record import Study, job_outcome
+from r2d2_hpc.launch.sbatch import job_python
 
 log = logging.getLogger("r2d2_hpc.launch")
 
@@ -72,9 +72,7 @@ def slurm_executor(folder: Path, lc: LaunchConfig, nodes: int, tasks_per_node: i
         params["mem"] = f"{int(lp.mem_gb)}GB"
     if lp.exclusive:
         params["exclusive"] = True
-    executor = submitit.SlurmExecutor(
-        folder=folder, python=lp.python or sys.executable, max_num_timeout=lp.max_requeues
-    )
+    executor = submitit.SlurmExecutor(folder=folder, python=job_python(lp), max_num_timeout=lp.max_requeues)
     executor.update_parameters(**params)
     return executor
 
@@ -152,8 +150,8 @@ def reattach(study: Study) -> dict[str, Any]:
 
     if study.meta.get("launcher") != "slurm":
         raise LaunchError(
-            f"{study.dir}: a {study.meta.get('launcher')} study cannot be re-attached (its processes "
-            "ended with the launcher). Fix: launch it again; finished runs are kept (resume=auto)"
+            f"{study.dir}: a {study.meta.get('launcher')} study has no submitit jobs to wait for. "
+            f"Fix: python -m r2d2_hpc.launch study.attach={study.dir} (launch/attach.py handles every launcher)"
         )
     return {
         r.name: submitit.SlurmJob(folder=study.dir / "jobs", job_id=r.job_id)

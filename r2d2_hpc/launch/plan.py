@@ -76,9 +76,9 @@ def run_config(lc: LaunchConfig, model: dict[str, Any], study_dir: Path, run: St
     seed with repeat ``r`` of every other scale.
     """
     train = replace(lc.train, seed=lc.train.seed + run.repeat)
-    cfg = RunConfig(
-        data=lc.data, model=model, train=train, run_dir=str(study_dir / run.run_dir), resume="auto"
-    )
+    # Absolute paths: a job may start in another directory (sbatch --chdir, a requeue, another node).
+    data = replace(lc.data, shards=str(Path(lc.data.shard_dir()).absolute()))
+    cfg = RunConfig(data=data, model=model, train=train, run_dir=str(study_dir / run.run_dir), resume="auto")
     cfg.train.micro_batch(run.world_size)  # a global batch that cannot be split fails here, not in a job
     return cfg
 

@@ -71,8 +71,9 @@ class Study:
     def create(cls, directory: Path, runs: list[StudyRun], launcher: str, config: dict[str, Any]) -> Study:
         if (directory / STUDY_FILE).exists():
             raise LaunchError(
-                f"{directory / STUDY_FILE} already exists: this study was submitted before. "
-                f"Fix: re-attach with study.attach={directory}, or choose another study.dir"
+                f"{directory / STUDY_FILE} already exists: this study was launched before. Fix: "
+                f"study.attach={directory} continues it (runs what did not complete, or waits for its jobs) "
+                "and writes the report; or choose another study.dir for a new study"
             )
         directory.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -94,7 +95,7 @@ class Study:
         if not path.is_file():
             raise LaunchError(
                 f"{path} does not exist; expected the study.json of a submitted study. "
-                "Fix: point study.attach at the study directory printed at submission"
+                "Fix: point study.attach at the study directory printed when it was launched"
             )
         data = json.loads(path.read_text())
         if data.get("format") != STUDY_FORMAT or data.get("format_version") != STUDY_VERSION:

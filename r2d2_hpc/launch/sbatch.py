@@ -3,7 +3,9 @@
 Each script runs ``srun python -m r2d2_hpc.train`` with one task per GPU (or CPU rank) and the run's complete,
 resolved config (written beside it as ``<run>.yaml``, so the job does not depend on the submitting shell or on
 ``conf/``). ``srun`` gets ``--cpus-per-task`` explicitly: Slurm 22.05 to 23.02 no longer pass the job's value on to
-srun, and every rank would get one CPU.
+srun, and every rank would get one CPU. Every path in the script is absolute and ``#SBATCH --chdir`` is the study
+directory, so it runs whatever directory it is submitted from. The user's ``launcher.setup`` lines come before
+``set -u`` (module and conda init scripts often read unset variables).
 
 Stopping: ``--signal=USR1@<delay>`` reaches every task before the time limit, and a preemption (a job of a higher
 partition taking the nodes, ``PreemptMode=REQUEUE``) sends SIGTERM to every task, ``GraceTime`` before SIGKILL.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from r2d2_hpc.errors import LaunchError
 TEMPLATE = Template("""#!/bin/bash
 # r2d2_hpc run $run (study $study_dir): rendered by python -m r2d2_hpc.launch launcher=sbatch
 #SBATCH --job-name=r2d2-$run
+#SBATCH --chdir=$study_dir
 #SBATCH --output=$script_dir/$run-%j.out
 #SBATCH --error=$script_dir/$run-%j.err
 #SBATCH --open-mode=append
@@ -45,8 +49,8 @@ TEMPLATE = Template("""#!/bin/bash
 #SBATCH --signal=USR1@$signal_delay_s
 #SBATCH --requeue
 $options
-set -uo pipefail
 $setup
+set -uo pipefail
 export OMP_NUM_THREADS=$${SLURM_CPUS_PER_TASK:-1}
 attempt_start=$$(mktemp)  # a result.json older than this is an earlier attempt's
 srun --kill-on-bad-exit=1 --cpus-per-task=$cpus_per_task $python -m r2d2_hpc.train --config-dir $script_dir --config-name $run
@@ -111,10 +115,24 @@ def render_script(
         signal_delay_s=lp.signal_delay_s,
         options="\n".join(sbatch_options(lp, tasks_per_node)),
         setup="\n".join(lp.setup),
-        python=shlex.quote(lp.python or sys.executable),
+        python=shlex.quote(job_python(lp)),
         run_dir=shlex.quote(run_dir),
         max_requeues=lp.max_requeues,
     )
+
+
+def job_python(lp: LauncherConfig) -> str:
+    """The python of each job: ``launcher.python``; else ``python`` when a ``launcher.setup`` line activates an
+    environment (conda/mamba/venv activate: that environment's python must run, not the submitting one's);
+    else the python running the launcher."""
+    if lp.python:
+        return lp.python
+    if any(_ACTIVATES.search(line) for line in lp.setup):
+        return "python"
+    return sys.executable
+
+
+_ACTIVATES = re.compile(r"(^|[\s;&|/])activate\b|\b(conda|mamba|micromamba)\s+activate\b")
 
 
 def render_config(cfg: RunConfig) -> str:

@@ -44,6 +44,8 @@ def _launch_config(overrides: list[str]) -> LaunchConfig:
             2,
         ),
         ("cpu-1x2", ["launcher=sbatch", "launcher.tasks_per_node=2", "launcher.python=/usr/bin/python3"], 1),
+        # conda activate in the setup lines: the activated env's python runs (no absolute python overrides it)
+        ("cpu-conda", ["launcher=sbatch", "launcher.setup=[module load anaconda3,conda activate r2d2]"], 1),
     ],
 )
 def test_rendered_script_matches_golden_file(name: str, overrides: list[str], nodes: int) -> None:
