@@ -166,11 +166,19 @@ def render_study(study: Any, lc: LaunchConfig, configs: dict[str, RunConfig]) ->
         for run, script in zip(study.runs, scripts, strict=True):
             run.job_id, run.state = submit(script), "SUBMITTED"
         study.save()
-        print(f"submitted {len(scripts)} job(s); collect them with: python -m r2d2_hpc.analysis {study.dir}")
+        print(
+            f"submitted {len(scripts)} job(s); wait for them and write the report with: "
+            f"python -m r2d2_hpc.launch study.attach={study.dir}"
+        )
     else:
-        print(f"rendered {len(scripts)} sbatch script(s) in {script_dir}; submit them with:")
+        print(
+            f"rendered {len(scripts)} sbatch script(s) in {script_dir}; submit them (from any directory) with:"
+        )
         for script in scripts:
             print(f"  sbatch {script}")
+        print(
+            f"then wait for them and write the report with: python -m r2d2_hpc.launch study.attach={study.dir}"
+        )
     return scripts
 
 
