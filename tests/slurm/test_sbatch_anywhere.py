@@ -59,8 +59,13 @@ def test_hand_submitted_scripts_run_from_elsewhere_and_attach_collects_them(
     assert done.returncode == 0, done.stderr[-3000:]
     study = render / "study"
     for script in sorted((study / "sbatch").glob("*.sbatch")):
+        # --begin: the jobs are still queued when attach looks for them by name
         sub = subprocess.run(
-            ["sbatch", str(script)], cwd=submit_from, capture_output=True, text=True, timeout=30
+            ["sbatch", "--begin=now+30", str(script)],
+            cwd=submit_from,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert sub.returncode == 0, sub.stderr
     attach = _launch([f"study.attach={study}"], attach_from)
