@@ -413,7 +413,9 @@ class StudyConfig:
         default_factory=dict
     )  # per model name, e.g. {fcn: {base_width: 16}}
     dir: str | None = None  # study directory; None: runs/<name>-<date>
-    attach: str | None = None  # re-attach to a submitted study directory: wait for it and collect it
+    attach: str | None = (
+        None  # a study directory to continue: run/wait for what did not complete, then report
+    )
     wait: bool = True  # wait for the jobs and write the report (false: submit and return)
     dry_run: bool = False  # print the plan and the scripts it would submit; start and write nothing
     report: bool = True  # run the analysis when the study is complete

@@ -104,10 +104,11 @@ def describe(lc: LaunchConfig, runs: list[StudyRun], study_dir: Path) -> str:
             f"  {r.name:<22} {r.nodes:>5} {r.world_size:>10} {batch:>12} {batch // r.world_size:>10} {lr:>9.3g}"
         )
     fixed = "global batch fixed, split over ranks" if t.scaling == "strong" else "batch per rank fixed"
+    warmup = "warmup from the LR rule" if t.warmup_steps is None else f"warmup {t.warmup_steps} step(s)"
     lines += [
         f"  training: {t.max_steps} steps, {t.scaling} scaling ({fixed}), lr {t.lr:g} with rule "
-        f"{t.lr_scaling} (reference batch {t.lr_reference_batch}), warmup {t.warmup_steps} step(s), "
-        f"data {lc.data.shard_dir()}",
+        f"{t.lr_scaling} (reference batch {t.lr_reference_batch}), {warmup}, "
+        f"data {Path(lc.data.shard_dir()).absolute()}",
         f"  results: {study_dir}/runs/<run>/ (logs, checkpoints, result.json); report: {study_dir}/report/",
     ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""A study: the runs of models x scales x repeats, their jobs, and ``study.json`` that lets anyone re-attach.
+"""A study: the runs of models x scales x repeats, their jobs, and ``study.json`` that lets anyone attach.
 
 ``study.json`` (format "r2d2-study", version 1) is rewritten atomically whenever a job changes state; it records
 for every run its name, model, nodes, world size, repeat, run directory (relative to the study directory), job id,

@@ -16,14 +16,14 @@ import torch
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
-# Two repeats of one run (same seed): repeat 0 runs whole, repeat 1 is killed after a checkpoint and attached.
+# Two repeats of one run: repeat 0 runs whole, repeat 1 (seed + 1) is killed after a checkpoint and attached.
 STUDY = [
     "model=unet",
     "model.base_width=4",
     "model.depth=2",
     "study.scales=[1]",
     "study.repeats=2",
-    "train.max_steps=40",
+    "train.max_steps=24",
     "train.global_batch=4",
     "train.eval_every_steps=0",
     "train.checkpoint_every_steps=4",
@@ -56,6 +56,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.timeout(900)  # four launches and five short runs on a shared 2-core machine
 def test_attach_resumes_a_killed_local_study_and_relaunch_says_attach(shards: Path, tmp_path: Path) -> None:
     study = tmp_path / "study"
     args = [f"data.shards={shards}", f"study.dir={study}", *STUDY]
@@ -92,8 +93,13 @@ def test_attach_resumes_a_killed_local_study_and_relaunch_says_attach(shards: Pa
     ]
     assert len(headers) == 2 and headers[1]["resumed_at_step"] > 0  # it resumed, it did not start over
     for name in ("unet-w1-r0", "unet-w1-r1"):
-        assert json.loads((study / "runs" / name / "result.json").read_text())["steps"] == 40
-    whole, resumed = _weights(study / "runs" / "unet-w1-r0"), _weights(killed_run)
+        assert json.loads((study / "runs" / name / "result.json").read_text())["steps"] == 24
+    # The uninterrupted twin of the killed run: repeat 1 trains with seed 0 + 1.
+    twin = tmp_path / "twin"
+    ref = _launch([f"data.shards={shards}", f"study.dir={twin}", *STUDY, "study.repeats=1", "train.seed=1"])
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-3000:]
+    whole, resumed = _weights(twin / "runs" / "unet-w1-r0"), _weights(killed_run)
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
