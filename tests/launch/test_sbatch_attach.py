@@ -74,9 +74,9 @@ def test_rendered_study_runs_from_anywhere_and_attach_names_missing_runs(
 
     attach = _launch([f"study.attach={study}"], tmp_path)
     assert attach.returncode == 1
-    assert "1 of 2 run(s) have no result and no recorded job: unet-n1-r1" in attach.stderr, attach.stderr[
-        -2000:
-    ]
+    assert "1 of 2 run(s) have no result and no recorded or queued job: unet-n1-r1" in attach.stderr, (
+        attach.stderr[-2000:]
+    )
     assert f"sbatch {study}/sbatch/unet-n1-r1.sbatch" in attach.stderr
 
     subprocess.run(
