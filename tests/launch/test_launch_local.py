@@ -64,6 +64,9 @@ def test_study_runs_every_model_and_scale_and_reports_a_failed_run(shards: Path,
         assert result["world_size"] == world and result["steps"] == 2
     assert (study / "report" / "report.html").is_file()
     assert "fcn-w1-r0" in (study / "report" / "report.md").read_text()
+    # the headline beside the report's path: the one series with two scales, and the best Dice
+    assert "unet strong G=4: 2 ranks on 1 node(s): speedup " in done.stdout, done.stdout[-2000:]
+    assert "best mean foreground Dice " in done.stdout
 
 
 def test_explicit_model_override_restricts_the_study(shards: Path, tmp_path: Path) -> None:
