@@ -22,6 +22,11 @@ OUTPUT_NEUTRAL: dict[str, str] = {
         "read by training only (share of 3D patches centred on foreground); prepare stores every foreground "
         "location whatever it is"
     ),
+    "data.samples_per_epoch": "read by training only (the length of a random-patch epoch); prepare ignores it",
+    "data.patches_per_case": "read by training only (random patches per case and epoch); prepare ignores it",
+    "data.chunk_cache_mib": "a reader's cache of decoded chunks in each DataLoader worker; prepare writes none",
+    "data.hdf5_locking": "how readers open the shards (HDF5 file locks on or off); the bytes written are the same",
+    "data.on_corrupt_sample": "what training does with a sample that fails its checksum; prepare ignores it",
 }
 
 
