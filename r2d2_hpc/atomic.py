@@ -79,7 +79,12 @@ def free_bytes(folder: Path) -> int | None:
 
 
 def _mib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:.1f} MiB"
+    """A size for a message: KiB below 1 MiB, MiB below 1 GiB, else GiB."""
+    if num_bytes < 2**20:
+        return f"{num_bytes / 2**10:.0f} KiB"
+    if num_bytes < 2**30:
+        return f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes / 2**30:.1f} GiB"
 
 
 def disk_error(

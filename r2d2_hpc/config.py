@@ -276,6 +276,9 @@ class TrainConfig:
     stop_check_every_steps: int = (
         10  # ranks agree on a stop request (preemption) every N steps, on a CPU group
     )
+    max_nonfinite_steps: int = (
+        3  # consecutive steps with a NaN/inf loss (or grad norm) before a run is diverged
+    )
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -298,6 +301,7 @@ class TrainConfig:
             "timing_sync_every_steps",
             "timing_sample_every_steps",
             "stop_check_every_steps",
+            "max_nonfinite_steps",
         )
         for name in positive:
             if getattr(self, name) < 1:

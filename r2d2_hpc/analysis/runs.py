@@ -33,7 +33,7 @@ TIMING_STATUSES = ("completed", "preempted", "killed")  # runs whose step times 
 
 
 def run_status(run: RunLog) -> tuple[str, str]:
-    """``(status, why)``: completed | preempted | killed | failed | empty | unreadable | missing."""
+    """``(status, why)``: completed | preempted | diverged | killed | failed | empty | unreadable | missing."""
     entry_state = str((run.ref.entry or {}).get("state") or "")
     if run.ref.path is None:
         return (
@@ -45,6 +45,11 @@ def run_status(run: RunLog) -> tuple[str, str]:
     logged = str((run.result or {}).get("status") or (run.end or {}).get("status") or "")
     if logged in ("completed", "preempted"):
         return logged, ""
+    if logged == "diverged" or entry_state == "DIVERGED":  # not a valid measurement: left out of scaling
+        reason = (run.result or {}).get(
+            "reason"
+        ) or f"non-finite loss, stopped at step {(run.end or {}).get('step')}"
+        return "diverged", str(reason)
     slurm_state = str((run.slurm or {}).get("state") or "")
     failed = [s for s in (slurm_state, entry_state) if s.upper().startswith(FAILED_STATES) or s == "failed"]
     if len(run.steps) == 0:
@@ -52,7 +57,9 @@ def run_status(run: RunLog) -> tuple[str, str]:
             f" (state {failed[0]})" if failed else ""
         )
     if failed:
-        return "failed", f"state {failed[0]} after {int(run.steps['step'].max())} steps"
+        error = str((run.ref.entry or {}).get("error") or "").strip()
+        because = f": {error.splitlines()[0][:300]}" if error else ""
+        return "failed", f"state {failed[0]} after {int(run.steps['step'].max())} steps{because}"
     return (
         "killed",
         f"no end line after step {int(run.steps['step'].max())}: the run stopped without finishing",

@@ -14,7 +14,7 @@ from r2d2_hpc.errors import LaunchError
 from r2d2_hpc.launch.job import TrainJob
 from r2d2_hpc.launch.live import LocalProgress
 from r2d2_hpc.launch.progress import run_progress
-from r2d2_hpc.launch.record import Study, job_outcome
+from r2d2_hpc.launch.record import Study, run_outcome
 from r2d2_hpc.launch.sbatch import job_python
 
 log = logging.getLogger("r2d2_hpc.launch")
@@ -114,11 +114,11 @@ def run_local(study: Study, lc: LaunchConfig, configs: dict[str, Any]) -> None:
             progress.update(run.name, run_progress(study.dir / run.run_dir))
             study.keep_cancelled()
             if run.state != "CANCELLED":  # a cancelled job leaves no result: do not wait for one
-                run.state, run.error = job_outcome(job)
+                run.state, run.error = run_outcome(study, run, job)
             study.save()  # keeps a CANCELLED mark written while the run ran
             progress.finish(run.name, run.state)
             if run.error and run.state != "CANCELLED":
-                log.error("%s failed: %s", run.name, run.error.splitlines()[0])
+                log.error("%s %s: %s", run.name, run.state.lower(), run.error.splitlines()[0])
     finally:
         progress.close()
 
@@ -156,5 +156,5 @@ def reattach(study: Study) -> dict[str, Any]:
     return {
         r.name: submitit.SlurmJob(folder=study.dir / "jobs", job_id=r.job_id)
         for r in study.runs
-        if r.job_id and r.state not in ("COMPLETED", "FAILED", "CANCELLED")
+        if r.job_id and r.state not in ("COMPLETED", "DIVERGED", "FAILED", "CANCELLED")
     }

@@ -2,7 +2,7 @@
 
 A submitit job (``launcher=local`` or ``slurm``) leaves one ``<job id>_<rank>_result.pkl`` per rank in the
 study's ``jobs/`` folder: ``("success", result)`` or ``("error", traceback)``. An sbatch job leaves the run's
-``result.json``. Either tells COMPLETED, PREEMPTED (stopped at a step boundary, resumable) or FAILED.
+``result.json``. Either tells COMPLETED, PREEMPTED (stopped at a step boundary, resumable), DIVERGED or FAILED.
 """
 
 from __future__ import annotations
@@ -45,6 +45,21 @@ def submitit_outcome(jobs_dir: Path, job_id: str, world_size: int) -> tuple[str,
     return ("PREEMPTED" if "preempted" in statuses else "COMPLETED"), None
 
 
+def diverged_outcome(run_dir: Path) -> tuple[str, str | None] | None:
+    """("DIVERGED", its message) when the run's ``result.json`` says training diverged, else None.
+
+    A diverged run exits non-zero on every rank (it is no measurement), so the scheduler calls it FAILED; its
+    ``result.json`` tells the difference, and the report lists it with its reason.
+    """
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or result.get("status") != "diverged":
+        return None
+    return "DIVERGED", str(result.get("error") or result.get("reason") or "training diverged")
+
+
 def result_json_outcome(run_dir: Path) -> tuple[str, str | None] | None:
     """(state, None) from the run's ``result.json``; None when there is none (the run never finished)."""
     path = run_dir / "result.json"
@@ -52,5 +67,7 @@ def result_json_outcome(run_dir: Path) -> tuple[str, str | None] | None:
         status = json.loads(path.read_text()).get("status")
     except (OSError, ValueError):
         return None
+    if status == "diverged":
+        return diverged_outcome(run_dir)
     state = RESULT_STATES.get(status)
     return (state, None) if state else ("FAILED", f"{path}: status {status!r}")

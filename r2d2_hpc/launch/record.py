@@ -21,7 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from r2d2_hpc.atomic import write_json
 from r2d2_hpc.errors import LaunchError
+from r2d2_hpc.launch.outcome import diverged_outcome
 
 STUDY_FILE = "study.json"
 CONFIG_DIR = "configs"
@@ -30,6 +32,7 @@ STUDY_FORMAT, STUDY_VERSION = "r2d2-study", 1
 
 FINISHED = {
     "COMPLETED",
+    "DIVERGED",  # ours, not Slurm's: the job failed because training diverged (its result.json says why)
     "FAILED",
     "CANCELLED",
     "TIMEOUT",
@@ -111,12 +114,11 @@ class Study:
         """Writes study.json atomically, keeping CANCELLED marks another process wrote (see the module doc)."""
         if keep_cancelled:
             self.keep_cancelled()
-        path = self.dir / STUDY_FILE
-        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(
-            json.dumps(self.meta | {"runs": [asdict(r) for r in self.runs]}, indent=1, default=str)
+        content = self.meta | {"runs": [asdict(r) for r in self.runs]}
+        fix = "re-attach with study.attach=<this folder> (or launch again: finished runs are kept)"
+        write_json(
+            self.dir / STUDY_FILE, content, "the study record (study.json)", fix, indent=1, default=str
         )
-        os.replace(tmp, path)
 
     def keep_cancelled(self) -> None:
         """Takes over the CANCELLED marks on disk for runs whose job has not changed since."""
@@ -186,6 +188,17 @@ def job_outcome(job: Any) -> tuple[str, str | None]:
         return failed_state, message + (f"\n--- stderr tail ---\n{tail}" if tail else "")
 
 
+def run_outcome(study: Study, run: StudyRun, job: Any) -> tuple[str, str | None]:
+    """:func:`job_outcome`, except that a run whose ``result.json`` says ``diverged`` is DIVERGED, with its reason.
+
+    A diverged run exits non-zero (it is no measurement), but it is not a crash: the report lists it apart.
+    """
+    state, error = job_outcome(job)
+    if state == "COMPLETED":
+        return state, error
+    return diverged_outcome(study.dir / run.run_dir) or (state, error)
+
+
 def _job_state(job: Any) -> str:
     try:
         return str(job.state).split()[0]
@@ -211,7 +224,7 @@ def wait_all(study: Study, jobs: dict[str, Any], poll_s: float = 2.0) -> None:
         for name, job in list(pending.items()):
             if job.done():
                 run = by_name[name]
-                run.state, run.error = job_outcome(job)
+                run.state, run.error = run_outcome(study, run, job)
                 del pending[name]
                 study.save()
             elif by_name[name].state == "SUBMITTED":

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from r2d2_hpc.launch.outcome import result_json_outcome, submitit_outcome
+from r2d2_hpc.launch.outcome import diverged_outcome, result_json_outcome, submitit_outcome
 from r2d2_hpc.launch.progress import RunProgress, predict_progress, run_progress
 from r2d2_hpc.launch.record import CONFIG_DIR, FINISHED, Study, StudyRun
 from r2d2_hpc.launch.scheduler import JobInfo, SlurmQueue
@@ -88,6 +88,8 @@ def _run_status(
             if info is not None and state not in ("PENDING", "REQUEUED"):  # a waiting job has no time used
                 node_list, elapsed = info.nodes, info.elapsed_s
         error = found_error or error
+        if state == "FAILED":  # a run that stopped because training diverged says so in its result.json
+            state, error = diverged_outcome(study.dir / run.run_dir) or (state, error)
     if node_list is None and state not in ("PENDING", "REQUEUED"):
         node_list = prog.host if run.job_id else None
     if elapsed is None and state not in ("PENDING", "REQUEUED"):

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from r2d2_hpc.atomic import check_writable, disk_guard
 from r2d2_hpc.config import RunConfig
 from r2d2_hpc.data.manifest import read_manifest
 from r2d2_hpc.train import checkpoint as ckpt
@@ -39,6 +40,13 @@ from r2d2_hpc.train.dist import (
     destroy_process_group,
     init_process_group,
 )
+from r2d2_hpc.train.divergence import (
+    DivergedError,
+    DivergenceReport,
+    NonFiniteGuard,
+    diverged_message,
+    diverged_reason,
+)
 from r2d2_hpc.train.evaluate import evaluate
 from r2d2_hpc.train.losses import DiceCELoss, deep_supervision_loss
 from r2d2_hpc.train.metrics import mean_foreground_dice
@@ -47,6 +55,7 @@ from r2d2_hpc.train.resume import check_world_size, load_agreed_checkpoint, resc
 from r2d2_hpc.train.sampler import ResumableDistributedSampler, position, steps_per_epoch
 from r2d2_hpc.train.schedule import build_optimizer, build_scheduler_from_config, scaled_lr
 from r2d2_hpc.train.setup import (
+    LR_KEYS,
     build_model_for,
     configure_process,
     model_flops_on_rank0,
@@ -60,6 +69,7 @@ from r2d2_hpc.train.steptimer import StepTimer, StepTimes, clock_for
 from r2d2_hpc.train.stop import StopAgreement, StopFlag
 from r2d2_hpc.train.tensorboard import TensorBoardLog
 from r2d2_hpc.train.timing import (
+    TRAIN_DISK_FIX,
     Throughput,
     TimingLog,
     read_jsonl,
@@ -74,6 +84,8 @@ log = logging.getLogger(__name__)
 def train(cfg: RunConfig, env: DistEnv, stop: StopFlag | None = None) -> dict[str, Any]:
     """Trains one run on this rank; returns the run's result (the same dict on every rank)."""
     configure_process(cfg.train, env)
+    # Before any compute: an unwritable or read-only run folder is one message, not a traceback at step 50.
+    check_writable(Path(cfg.run_dir) / "timing", "the run folder (run_dir)", TRAIN_DISK_FIX)
     cpu_group = init_process_group(env, cfg.train.dist_timeout_s)
     heartbeat = Heartbeat(env) if env.world_size > 1 else None
     try:
@@ -128,13 +140,17 @@ class _Trainer:
         self.forward = torch.compile(self.ddp) if tc.compile else self.ddp
         comm = install_comm_timer(self.ddp, clock_for(self.device)) if env.world_size > 1 else None
         self.timer = StepTimer(self.device, tc.timing_sync_every_steps, comm)
-        self.stopper = StopAgreement(stop, env, tc.stop_check_every_steps, cpu_group)
+        self.stopper = StopAgreement(
+            stop, env, tc.stop_check_every_steps, cpu_group, diverged=lambda: self.guard.exhausted
+        )
         self.lr_peak = scaled_lr(tc.lr, tc.lr_scaling, self.global_batch, tc.lr_reference_batch)
         optimizer = build_optimizer(self.model.parameters(), tc, self.lr_peak)
         scheduler = build_scheduler_from_config(optimizer, tc, self.global_batch)
         self.amp_dtype = _amp_dtype(tc.amp, self.device)
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.parts = ckpt.TrainingParts(self.model, optimizer, scheduler, scaler)
+        self.guard = NonFiniteGuard(tc.max_nonfinite_steps, check_grads=scaler is None)
+        self.last_checkpoint: tuple[Path, int] | None = None
         self.loss_fn = DiceCELoss(
             self.train_ds.num_classes, tc.dice_weight, tc.ce_weight, over_ranks=tc.dice_over_ranks
         )
@@ -176,8 +192,11 @@ class _Trainer:
             status = self._loop()
             if status == "completed" and self.evaluated_at != self.step:
                 self._evaluate()
-            self._checkpoint()
-            self.timing.end(self.step, status=status, weights_sha256=ckpt.weights_digest(self.model))
+            if status != "diverged":  # a diverged run keeps its last good checkpoint
+                self._checkpoint()
+            extra = {"nonfinite_steps": self.guard.streak} if status == "diverged" else {}
+            weights = ckpt.weights_digest(self.model)
+            self.timing.end(self.step, status=status, weights_sha256=weights, **extra)
         finally:
             self.timing.close()
             self.tb.close()
@@ -196,9 +215,29 @@ class _Trainer:
         result["corrupt_samples_skipped"] = self.batch_stats.total_corrupt_skipped(self.env)
         # every start of this run (a preempted or timed-out job resumes as a new attempt): one header each
         result["attempts"] = sum(1 for rec in read_jsonl(self.timing.path) if rec.get("type") == "header")
+        error = None
+        if status == "diverged":
+            report = self._divergence_report()
+            error = diverged_message(self.run_dir, self.tc, report)
+            result |= {"reason": diverged_reason(self.tc, report), "error": error}
         if self.env.is_main:
             write_result(self.run_dir, result)
+        if error is not None:
+            raise DivergedError(error)
         return result
+
+    def _divergence_report(self) -> DivergenceReport:
+        path, step = self.last_checkpoint if self.last_checkpoint else (None, None)
+        return DivergenceReport(
+            self.step,
+            self.guard.first_bad_step,
+            self.guard.streak,
+            self.guard.first_bad_lr if self.guard.first_bad_lr is not None else math.nan,
+            self.lr_peak,
+            self.global_batch,
+            path,
+            step,
+        )
 
     def _loop(self) -> str:
         self.bar = Progress(self.tc.max_steps, self.step, self.env.is_main, self.tc.log_every_steps)
@@ -215,7 +254,7 @@ class _Trainer:
                     # writes on leaving is all there is time for, not a due evaluation and a second save.
                     # It is outside the step's clock: the next step starts after the agreement.
                     if self.stopper.should_stop(self.step):
-                        return "preempted"
+                        return self.stopper.reason or "preempted"
                     self._periodic()
                 del batches
             return "completed"
@@ -239,7 +278,9 @@ class _Trainer:
         return itertools.chain(first, batches)
 
     def _record(self, resolved: list[StepTimes]) -> None:
-        """Logs resolved steps: timing lines, throughput, progress."""
+        """Logs resolved steps: timing lines, throughput, progress; reads their non-finite flags (same sync)."""
+        if resolved:
+            self.guard.resolve()
         for t in resolved:
             parts = {"exposed_comm_s": t.exposed_comm_s, "comm_s": t.comm_s, "other_s": t.other_s}
             samples = self.global_batch
@@ -271,8 +312,13 @@ class _Trainer:
                 timer.compute_done()
         if scaler is not None:
             scaler.unscale_(optimizer)
+        grad_norm = None
         if self.tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        elif self.guard.check_grads:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -282,6 +328,7 @@ class _Trainer:
         lr = optimizer.param_groups[0]["lr"]
         self.parts.scheduler.step()
         self.step += 1
+        self.guard.push(self.step, total, grad_norm, lr)  # before lap: a resolve there reads this flag too
         self._record(timer.lap(self.step, epoch, total, lr))
         if self.heartbeat is not None:
             self.heartbeat.beat(self.step)
@@ -336,7 +383,11 @@ class _Trainer:
                 "wall_s": round(wall_s, 3),
                 "mean_foreground_dice": mean_fg if math.isfinite(mean_fg) else None,
             }
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            path = self.run_dir / "metrics.jsonl"
+            with (
+                disk_guard(self.run_dir, f"the metrics log {path.name}", TRAIN_DISK_FIX),
+                open(path, "a") as fh,
+            ):
                 fh.write(json.dumps(line) + "\n")
             shown = [round(d, 4) for d in dice]
             log.info("step %d: validation Dice %s (mean foreground %.4f)", self.step, shown, mean_fg)
@@ -346,6 +397,15 @@ class _Trainer:
         # Every line up to the checkpoint is on disk before it exists: a resumed log then has no hole.
         self.timing.flush()
         rng = ckpt.gather_rng_states(self.env, self.cpu_group)
+        if self.guard.weights_suspect:
+            log.warning(
+                "step %d: no checkpoint (the last %d step(s) were non-finite); keeping %s",
+                self.step,
+                self.guard.streak,
+                self.last_checkpoint[0] if self.last_checkpoint else "none",
+            )
+            return
+        self.last_checkpoint = (self.run_dir / "checkpoints" / ckpt.LAST, self.step)
         if not self.env.is_main:
             return
         epoch, offset = self._position()
@@ -375,12 +435,27 @@ class _Trainer:
         state, path = found
         changed = check_world_size(state, path, self.env, self.tc.allow_world_size_change)
         self.step = ckpt.restore_training_state(self.parts, state, self.env, path)
-        if changed:
+        if changed or _lr_settings_changed(state, self.tc, path):
             rescale_lr(self.parts, self.lr_peak)
         self.resumed_world_size = state["world_size"]
         self.last_dice = state.get("extra", {}).get("last_dice", [])
+        self.last_checkpoint = (path, self.step)
         log.info("rank %d resumed from %s at step %d", self.env.rank, path, self.step)
         return self.step
+
+
+def _lr_settings_changed(state: dict[str, Any], tc: Any, path: Path) -> bool:
+    """Logs and returns whether the run resumes with other LR settings than its checkpoint's (allowed, see
+    ``setup.LR_KEYS``: the way on after a divergence)."""
+    before = state.get("extra", {}).get("config", {}).get("train", {})
+    changed = [
+        f"train.{k} {before[k]} -> {getattr(tc, k)}"
+        for k in LR_KEYS
+        if k in before and before[k] != getattr(tc, k)
+    ]
+    if changed:
+        log.warning("resuming from %s with changed LR settings: %s", path, ", ".join(changed))
+    return bool(changed)
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -24,22 +24,21 @@ from r2d2_hpc.train.dist import DistEnv
 log = logging.getLogger(__name__)
 
 # Settings that make a checkpoint belong to a run. max_steps is left out on purpose: extending a finished run
-# with a larger train.max_steps is a legitimate resume.
+# with a larger train.max_steps is a legitimate resume. So are the LR settings (lr, lr_scaling,
+# lr_reference_batch, warmup_steps): resuming a diverged run from its last good checkpoint with a lower LR is the
+# documented way on; the loop logs the change.
 _HASHED_TRAIN_KEYS = (
     "scaling",
     "global_batch",
     "batch_per_rank",
     "grad_accum",
     "optimizer",
-    "lr",
-    "lr_scaling",
-    "lr_reference_batch",
     "schedule",
-    "warmup_steps",
     "dice_over_ranks",
     "seed",
     "amp",
 )
+LR_KEYS = ("lr", "lr_scaling", "lr_reference_batch", "warmup_steps")
 
 
 def configure_process(tc: TrainConfig, env: DistEnv) -> ThreadPlan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,19 +32,29 @@ class StopAgreement:
     """
 
     def __init__(
-        self, flag: StopFlag, env: DistEnv, every_steps: int, group: dist.ProcessGroup | None = None
+        self,
+        flag: StopFlag,
+        env: DistEnv,
+        every_steps: int,
+        group: dist.ProcessGroup | None = None,
+        diverged: Callable[[], bool] | None = None,
     ) -> None:
+        """``diverged``: this rank's verdict that training diverged (it travels in the same all-reduce)."""
         if every_steps < 1:
             raise ValueError(f"train.stop_check_every_steps={every_steps} must be at least 1")
         self.flag, self.env, self.every_steps, self.group = flag, env, every_steps, group
+        self.diverged = diverged or (lambda: False)
         self.num_agreements = 0
+        self.reason: str | None = None  # after a True: "diverged" (any rank) or "preempted"
 
     def should_stop(self, step: int) -> bool:
         """True on every rank at the same step once any rank's flag was set before a check at that step."""
         if step % self.every_steps:
             return False
         self.num_agreements += 1
-        local = torch.tensor([1 if self.flag.is_set() else 0], dtype=torch.int32)
+        local = torch.tensor([1 if self.flag.is_set() else 0, 1 if self.diverged() else 0], dtype=torch.int32)
         if self.env.world_size > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(local.item())
+        stop, diverged = local.tolist()
+        self.reason = "diverged" if diverged else "preempted" if stop else None
+        return self.reason is not None

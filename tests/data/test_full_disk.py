@@ -42,7 +42,7 @@ def test_prepare_on_a_full_disk_stops_cleanly_and_a_rerun_continues(raw: Path, t
     message = str(caught.value)
     # HDF5 would crash the process on a full disk: the space for each case is checked before it is written
     assert message.startswith(f"{out / '.staging'}: writing case 'phantom_00")
-    assert "would not fit: it needs about" in message and "MiB free there" in message
+    assert "would not fit: it needs about" in message and "KiB free there" in message
     assert "Fix: free space on that file system" in message and "run prepare again" in message
     assert _leftovers(out) == []
     staged_first = {p.name for p in (out / ".staging").glob("*.json")}
