@@ -120,9 +120,11 @@ def diverged_message(run_dir: Path, tc: TrainConfig, report: DivergenceReport) -
         again = "then run again"
     other_rule = "sqrt" if tc.lr_scaling == "linear" else "none" if tc.lr_scaling == "sqrt" else None
     tries = [f"lower train.lr (e.g. {tc.lr / 10:g})"]
-    warmup = max(1, tc.max_steps // 10)
-    if warmup_steps_for(tc, report.global_batch) < warmup:
-        tries.append(f"a warm-up (e.g. train.warmup_steps={warmup})")
+    warmup_now = warmup_steps_for(tc, report.global_batch)
+    if warmup_now < max(1, tc.max_steps // 10):
+        tries.append(f"a warm-up (e.g. train.warmup_steps={max(1, tc.max_steps // 10)})")
+    elif 2 * warmup_now < tc.max_steps // 2:
+        tries.append(f"a longer warm-up (e.g. train.warmup_steps={2 * warmup_now})")
     if other_rule:
         tries.append(f"another LR rule (train.lr_scaling={other_rule})")
     if tc.grad_clip is None:

@@ -55,10 +55,11 @@ def test_the_message_names_step_lr_rule_batch_and_what_to_try(tmp_path: Path) ->
     assert message.startswith(f"{tmp_path}: training diverged at step 42: the loss or gradient norm was NaN")
     assert "3 consecutive step(s) from step 40 at lr 3.2" in message
     assert "train.lr 0.1 with train.lr_scaling=linear for global batch 512, reference batch 16" in message
+    assert "warm-up 100 steps" in message  # the linear rule's own warm-up (train.warmup_steps=null)
     assert f"the last good checkpoint {tmp_path / 'checkpoints' / 'last.pt'} (step 25) is kept" in message
     for hint in (
         "lower train.lr (e.g. 0.01)",
-        "train.warmup_steps=100",
+        "a longer warm-up (e.g. train.warmup_steps=200)",
         "train.lr_scaling=sqrt",
         "grad_clip",
     ):
