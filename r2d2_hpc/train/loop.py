@@ -253,6 +253,10 @@ class _Trainer:
                     # A stop comes first: within the signal's grace window the one checkpoint that run()
                     # writes on leaving is all there is time for, not a due evaluation and a second save.
                     # It is outside the step's clock: the next step starts after the agreement.
+                    if self.step % self.tc.stop_check_every_steps == 0:
+                        # every step's non-finite flag is read before the ranks agree (no sync when the timer
+                        # has just resolved, as it does at the same cadence by default)
+                        self._record(self.timer.resolve())
                     if self.stopper.should_stop(self.step):
                         return self.stopper.reason or "preempted"
                     self._periodic()
