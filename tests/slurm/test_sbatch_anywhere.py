@@ -86,7 +86,7 @@ def test_submitted_study_is_collected_by_its_job_ids(slurm_cluster, shards: Path
     assert f"study.attach={study}" in done.stdout
     attach = _launch([f"study.attach={study}"], job_dir)
     assert attach.returncode == 0, attach.stderr[-3000:]
-    assert "waiting for 1 sbatch job(s)" in attach.stdout
     (run,) = json.loads((study / "study.json").read_text())["runs"]
+    assert "study status" in attach.stdout and f" {run['job_id']} " in attach.stdout  # it followed that job
     assert run["state"] == "COMPLETED"
     assert (study / "runs" / run["name"] / "slurm.json").is_file()  # accounting stored
