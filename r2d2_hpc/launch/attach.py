@@ -37,8 +37,8 @@ def attach(study: Study) -> None:
         resume_local(study)
         return
     if launcher == "sbatch":
-        _adopt_queued_jobs(study)
-        _settle_runs_without_jobs(study)
+        queue_note = _adopt_queued_jobs(study)
+        _settle_runs_without_jobs(study, queue_note)
     else:
         reattach(study)  # checks that the study has submitit jobs
     follow(study)
@@ -61,7 +61,7 @@ def _has_checkpoint(study: Study, name: str) -> bool:
     return (study.dir / study.run(name).run_dir / "checkpoints" / "last.pt").is_file()
 
 
-def _settle_runs_without_jobs(study: Study) -> None:
+def _settle_runs_without_jobs(study: Study, queue_note: str = "") -> None:
     """Runs with no job id: their result.json decides; without one they are missing, and named."""
     missing = []
     for run in study.runs:
@@ -77,17 +77,26 @@ def _settle_runs_without_jobs(study: Study) -> None:
         commands = "\n".join(f"  sbatch {study.dir / 'sbatch' / (r.name + '.sbatch')}" for r in missing)
         raise LaunchError(
             f"{study.dir}: {len(missing)} of {len(study.runs)} run(s) have no result and no recorded or queued "
-            f"job: {', '.join(r.name for r in missing)}. Fix: submit them, then attach again:\n{commands}"
+            f"job: {', '.join(r.name for r in missing)}{queue_note}. Fix: submit them, then attach again:\n"
+            f"{commands}"
         )
 
 
-def _adopt_queued_jobs(study: Study) -> None:
-    """Scripts submitted by hand (no recorded job id): find their jobs by name and working directory (--chdir)."""
-    if all(r.job_id for r in study.runs) or shutil.which("squeue") is None:
-        return
+def _adopt_queued_jobs(study: Study) -> str:
+    """Scripts submitted by hand (no recorded job id): find their jobs by name and working directory (--chdir).
+
+    Returns a note for the message about missing runs when the queue could not be read (no Slurm client here,
+    or a controller that does not answer): runs with a result.json are settled from it all the same.
+    """
+    if all(r.job_id for r in study.runs):
+        return ""
+    if shutil.which("squeue") is None:
+        return " (squeue is not installed here, so queued jobs could not be looked for)"
     done = subprocess.run(["squeue", "-h", "-o", "%A|%j|%Z"], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
-        raise LaunchError(f"squeue failed: {done.stderr.strip()}. Fix: check that Slurm answers (sinfo)")
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        log.warning("squeue failed (%s): queued jobs of this study cannot be looked for; check sinfo", reason)
+        return f" (the queue could not be read: squeue said {reason!r}; check that Slurm answers with sinfo)"
     rows = [line.strip().split("|", 2) for line in done.stdout.splitlines() if line.count("|") == 2]
     queued = {(name, str(Path(workdir))): job_id for job_id, name, workdir in rows}
     for run in study.runs:
@@ -96,3 +105,4 @@ def _adopt_queued_jobs(study: Study) -> None:
             run.job_id, run.state = job_id, "SUBMITTED"
             print(f"{run.name}: found its job {job_id} in the queue")
     study.save()
+    return ""

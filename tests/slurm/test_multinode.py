@@ -194,8 +194,13 @@ def _check_preempted_run(cluster, run_dir: Path, job_id: str, preempted_at: int,
     result = json.loads((run_dir / "result.json").read_text())
     assert (result["status"], result["steps"], result["attempts"]) == ("completed", STEPS, 2)
     resumed = [h["resumed_at_step"] for h in _headers(run_dir, 0)]
-    # stopped at the step boundary after the SIGTERM, not at the last periodic checkpoint (a multiple of 50)
-    assert resumed[0] is None and preempted_at <= resumed[1] < STEPS and resumed[1] % 50, resumed
+    lines = [json.loads(x) for x in (run_dir / "timing" / "rank0.jsonl").read_text().splitlines()]
+    ends = [(ln["step"], ln.get("status")) for ln in lines if ln["type"] == "end"]
+    # The first attempt stopped at a step boundary after the SIGTERM and checkpointed there; the second resumed
+    # from exactly that step (not from an earlier periodic checkpoint). The stop step may be any agreed step,
+    # a multiple of train.checkpoint_every_steps included.
+    assert ends[0][1] == "preempted" and preempted_at <= ends[0][0] < STEPS, ends
+    assert resumed[0] is None and resumed[1] == ends[0][0], (resumed, ends)
     assert cluster.wait_sacct(job_id)["State"] == "COMPLETED"  # sacct lags the controller
     states = [r["State"] for r in cluster.sacct(job_id, fields=("JobID", "State"), extra=("-D",))]
     assert states == ["REQUEUED", "COMPLETED"], states  # requeued by itself within GraceTime, not PREEMPTED
