@@ -283,7 +283,11 @@ def test_time_limit_signal_checkpoints_requeues_finishes_and_every_attempt_is_ac
 ) -> None:
     # --time=2 min, --signal=USR2@5: Slurm checks time limits every 30 s and sends the signal up to 60 s early
     # (a 1-minute job would be signalled at its first check, before it even trained): it comes 55-85 s in.
-    lc = _launch_config(two_nodes, shards, tmp_path / "study", max_steps=40, dist_timeout_s=300.0)
+    # stop_check_every_steps=1: the ranks stop at the step after the signal (with the default 10 they may run
+    # on to step 40, the end, and the rerun would have nothing left to train).
+    lc = _launch_config(
+        two_nodes, shards, tmp_path / "study", max_steps=40, dist_timeout_s=300.0, stop_check_every_steps=1
+    )
     lc.launcher.time_min, lc.launcher.signal_delay_s = 2, 5
     study, configs = _study(lc)
     jobs = submit_slurm(study, lc, configs)
